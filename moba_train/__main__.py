@@ -1,0 +1,3 @@
+from moba_train.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The MoBA operator (Mixture of Block Attention, arXiv 2502.13189) in flash-attn's varlen layout."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockLayout, build_layout, check_inputs
+from .lean import moba_lean
+from .naive import moba_naive
+from .registry import BACKENDS, Backend, register, resolve
+from .routing import block_means, select_blocks
+
+register(Backend("naive", moba_naive, devices=("cpu", "cuda"), auto_rank=None,
+                 summary="dense masked attention, O(T^2) memory: the test oracle"))
+register(Backend("lean", moba_lean, devices=("cpu", "cuda"), auto_rank=10,
+                 summary="tiled PyTorch, memory O(T x topk x block_size), exact backward"))
+
+
+def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, block_size: int, topk: int, softmax_scale: float | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """MoBA attention over packed documents.
+
+    q [T, Hq, D]; k, v [T, Hkv, D] with Hq a multiple of Hkv; cu_seqlens int32 [n_docs + 1].
+    A query in block i of its document attends its own block causally plus the topk - 1 earlier
+    blocks of the same document whose mean key scores highest against it (all of them when fewer
+    exist). topk >= the number of blocks is exactly full causal attention. Returns [T, Hq, D] in q's dtype.
+    """
+    cu = check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, topk, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    chosen = resolve(backend, q.device)
+    layout = build_layout(cu, block_size, q.device)
+    return chosen.fn(q, k, v, layout, topk=topk, softmax_scale=scale)
+
+
+__all__ = ["moba_attn_varlen", "BACKENDS", "Backend", "register", "BlockLayout", "build_layout",
+           "block_means", "select_blocks"]

@@ -1,0 +1,91 @@
+"""Export a trained model to a Hugging Face directory that records its attention plan.
+
+The directory is ordinary (config.json, model.safetensors, generation config, tokenizer files):
+plain transformers loads the weights and ignores the extra config key. moba-train's loader reads
+
+    config.json["moba_train"] = {"format": 1, "attention_plan": <plan config, phases form>, "progress": p}
+
+and rebuilds the same AttentionPlan at the same progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .attention import attention_modules
+from .plan import AttentionPlan
+
+log = logging.getLogger(__name__)
+
+EXPORT_KEY = "moba_train"
+EXPORT_FORMAT = 1
+
+
+def plan_record(plan: AttentionPlan) -> dict:
+    return {"format": EXPORT_FORMAT, "attention_plan": plan.to_config(), "progress": plan.progress}
+
+
+def plan_from_record(record: Mapping, num_layers: int, where: str) -> AttentionPlan:
+    if not isinstance(record, Mapping) or record.get("format") != EXPORT_FORMAT:
+        got = record.get("format") if isinstance(record, Mapping) else type(record).__name__
+        raise ValueError(f"{where}: config key {EXPORT_KEY!r} has format {got!r}; this moba-train reads format "
+                         f"{EXPORT_FORMAT}. Re-export the model with a matching moba-train version")
+    missing = [k for k in ("attention_plan", "progress") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: config key {EXPORT_KEY!r} lacks {missing}; re-export the model with export_model")
+    plan = AttentionPlan.from_config(record["attention_plan"], num_layers)
+    plan.set_progress(record["progress"])
+    return plan
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`; the old target, if any, is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / target.name)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike, plan: AttentionPlan, *,
+                 state_dict: Mapping | None = None, overwrite: bool = False) -> Path:
+    """Write `model` (+ `tokenizer`, may be None) to the HF directory `path`, recording `plan`.
+
+    state_dict: the full weights when the model's own are partitioned (ZeRO-3); the model's otherwise.
+    The directory appears complete or not at all (written aside, then renamed).
+    """
+    target = Path(path).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose another path or pass overwrite=True")
+    layers = len(attention_modules(model))
+    if plan.num_layers != layers:
+        raise ValueError(f"the plan covers {plan.num_layers} layers but the model has {layers}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    config = model.config
+    try:
+        setattr(config, EXPORT_KEY, plan_record(plan))
+        try:
+            model.save_pretrained(staging, state_dict=state_dict)
+        finally:
+            delattr(config, EXPORT_KEY)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("exported %s to %s with attention plan %s", type(model).__name__, target, plan.describe())
+    return target
+
+
+__all__ = ["export_model", "EXPORT_KEY", "EXPORT_FORMAT", "plan_record", "plan_from_record"]

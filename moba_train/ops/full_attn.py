@@ -1,0 +1,93 @@
+"""Full causal attention over packed documents, in the same varlen layout as `moba_attn_varlen`.
+
+Layers in "full" mode run this: every query attends the earlier tokens of its own document only.
+Backends by name: `sdpa` (torch SDPA per document, CPU and GPU) and `flash` (flash-attn's varlen
+kernel, CUDA only). `auto` takes flash when it can run, else sdpa.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .moba.layout import check_inputs
+from .moba.registry import Backend
+
+log = logging.getLogger(__name__)
+
+FULL_ATTN_BACKENDS: dict[str, Backend] = {}
+
+
+def _sdpa(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+    outs = []
+    for start, end in zip(cu, cu[1:]):
+        # [L, H, D] -> [H, L, D]: SDPA wants heads before tokens; enable_gqa shares KV heads without copies.
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+                                           v[start:end].transpose(0, 1), is_causal=True, scale=softmax_scale,
+                                           enable_gqa=True)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def _flash(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
+    return flash_attn_varlen_func(q, k, v, cu_t, cu_t, max_seqlen, max_seqlen, softmax_scale=softmax_scale,
+                                  causal=True)
+
+
+def _flash_missing() -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed; install it with `pip install moba-train[flash]` (CUDA machines only)"
+    return None
+
+
+def register(backend: Backend) -> None:
+    FULL_ATTN_BACKENDS[backend.name] = backend
+
+
+register(Backend("sdpa", _sdpa, devices=("cpu", "cuda"), auto_rank=0,
+                 summary="torch scaled_dot_product_attention, one call per document"))
+register(Backend("flash", _flash, devices=("cuda",), auto_rank=10, missing=_flash_missing,
+                 summary="flash_attn.flash_attn_varlen_func, one call per batch"))
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    if name == "auto":
+        usable = [b for b in FULL_ATTN_BACKENDS.values()
+                  if b.auto_rank is not None and device.type in b.devices and b.missing() is None]
+        if not usable:
+            raise RuntimeError(f"no full-attention backend can run on {device}; registered: {sorted(FULL_ATTN_BACKENDS)}")
+        best = max(usable, key=lambda b: b.auto_rank)
+        log.debug("full_attn_varlen backend=auto picked %r on %s", best.name, device)
+        return best
+    if name not in FULL_ATTN_BACKENDS:
+        raise ValueError(f"unknown full-attention backend {name!r}; choose one of {['auto', *sorted(FULL_ATTN_BACKENDS)]}")
+    backend = FULL_ATTN_BACKENDS[name]
+    reason = backend.missing()
+    if reason is not None:
+        raise RuntimeError(f"full-attention backend {name!r} is unavailable: {reason}")
+    if device.type not in backend.devices:
+        raise RuntimeError(f"full-attention backend {name!r} runs on {'/'.join(backend.devices)}, not {device.type}; "
+                           f"move the tensors or use backend='auto'")
+    return backend
+
+
+def full_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Causal attention within each packed document.
+
+    q [T, Hq, D]; k, v [T, Hkv, D] with Hq a multiple of Hkv (GQA, KV never repeated);
+    cu_seqlens int32 [n_docs + 1]. Returns [T, Hq, D] in q's dtype.
+    """
+    # Full attention has no blocks: block_size=1, topk=1 are always valid, so only the shared checks bite.
+    cu = check_inputs(q, k, v, cu_seqlens, max_seqlen, 1, 1, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return resolve(backend, q.device).fn(q, k, v, cu, max_seqlen, scale)
+
+
+__all__ = ["full_attn_varlen", "FULL_ATTN_BACKENDS", "register", "resolve"]

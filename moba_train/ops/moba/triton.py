@@ -1,0 +1,262 @@
+"""MoBA backend `triton`: routing, grouping and attention as Triton kernels (tuned for Hopper).
+
+Per call: the tiled gate (triton_routing.py) picks each query's blocks; the (row, block) pairs are
+sorted by (KV head, block, slot) into one int32 list, so every key block finds the rows that chose
+it in a contiguous range (dense tiles for the tensor cores, no per-element masks); then the
+kernels of triton_kernels.py run forward, and backward by recomputation. Extra memory beyond
+FlashAttention-2's: the selection [T, Hq, topk-1], the pair list and its tile table (int32), and
+the fp32 forward state [T, Hq, D + 2] that lives only during the forward call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout
+
+try:
+    import triton
+
+    from . import triton_kernels as kernels
+    from . import triton_routing as routing
+except ImportError as err:  # reported by missing(), never at import
+    triton = None
+    _IMPORT_ERROR = err
+else:
+    _IMPORT_ERROR = None
+
+MAX_HEAD_DIM = 256
+
+
+def missing() -> str | None:
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR}): pip install 'moba-train[triton]'"
+    if not torch.cuda.is_available() and not _interpreted():
+        return "no CUDA device: the triton backend runs on NVIDIA GPUs (or under TRITON_INTERPRET=1 for tests)"
+    return None
+
+
+def _interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shapes and launch settings; BLOCK_M rows x BLOCK_N keys per matrix product."""
+
+    route_m: int = 64
+    route_n: int = 32
+    pair_m: int = 128        # rows per pair tile (forward and dq waves)
+    pair_n: int = 64
+    own_m: int = 128         # rows (tokens x G heads) per own-block tile
+    own_n: int = 64
+    dkv_m: int = 64          # rows per step of the dk/dv loop
+    dkv_n: int = 128         # keys per dk/dv program
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+
+
+# Tests swap this for small tiles (so loops take several steps on tiny inputs).
+CONFIG = TileConfig()
+
+
+@dataclass
+class _Plan:
+    """Routing and its grouping for one call, reused by the backward pass."""
+
+    layout: BlockLayout
+    block_start: torch.Tensor     # [NB] int32
+    block_len: torch.Tensor       # [NB] int32
+    sel: torch.Tensor             # [T, Hq, n_select] int32, -1 only at the tail
+    n_select: int
+    pair_rows: torch.Tensor       # [P] int32 rows (t * Hq + hq), sorted by (hkv, block, slot, row)
+    tiles: torch.Tensor           # [n_tiles, 4] int32 (block, hkv, first pair, count), wave-major
+    wave_tiles: list[int]         # tiles per wave (slot)
+    group_first: torch.Tensor     # [Hkv * NB] int32 first pair of each (hkv, block)
+    group_count: torch.Tensor     # [Hkv * NB] int32 pairs of each (hkv, block)
+    group_order: torch.Tensor     # [Hkv * NB] int32 groups by descending pair count (dk/dv scheduling)
+    scale: float
+    config: TileConfig
+
+
+def _check(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the triton MoBA backend takes float16, bfloat16 or float32, got {q.dtype}; "
+                         f"use backend='lean' for {q.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the triton MoBA backend takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}; use backend='lean'")
+    if q.shape[0] * q.shape[1] >= 2**31:
+        raise ValueError(f"tokens x query heads must be < 2^31 for the triton MoBA backend (int32 row ids), "
+                         f"got {q.shape[0]} x {q.shape[1]}; split the batch")
+
+
+def _group_pairs(sel: torch.Tensor, hq: int, hkv: int, nb: int, pair_m: int):
+    """Sort the (row, slot, block) pairs by (hkv, block, slot, row) and cut them into wave-major tiles."""
+    R, n_select = sel.shape[0] * sel.shape[1], sel.shape[2]
+    device = sel.device
+    flat = sel.view(R, n_select)
+    rows = torch.arange(R, device=device, dtype=torch.int64)
+    group = ((rows // (hq // hkv)) % hkv)[:, None] * nb + flat               # (hkv, block) of each pair
+    key = ((group * n_select + torch.arange(n_select, device=device)) << 32) | rows[:, None]
+    key = key[flat >= 0].sort().values                 # keys are unique: the order is fully determined
+    pair_rows = (key & 0xFFFFFFFF).to(torch.int32)
+    counts = torch.bincount(key >> 32, minlength=hkv * nb * n_select).view(hkv * nb, n_select)
+    del key
+    first = (counts.flatten().cumsum(0) - counts.flatten()).view(hkv * nb, n_select)
+
+    # Tiles, wave-major: wave s holds the slot-s pairs of every group, cut into pair_m rows.
+    cnt_w, first_w = counts.t().flatten(), first.t().flatten()            # [(slot, group)]
+    n_tiles = (cnt_w + pair_m - 1) // pair_m
+    wave_tiles = n_tiles.view(n_select, hkv * nb).sum(1).tolist()
+    total = sum(wave_tiles)
+    owner = torch.repeat_interleave(torch.arange(cnt_w.numel(), device=device), n_tiles, output_size=total)
+    nth = torch.arange(total, device=device) - (n_tiles.cumsum(0) - n_tiles)[owner]
+    grp = owner % (hkv * nb)
+    tiles = torch.stack([grp % nb, grp // nb, first_w[owner] + nth * pair_m,
+                         torch.clamp(cnt_w[owner] - nth * pair_m, max=pair_m)], dim=1).to(torch.int32)
+
+    group_count = counts.sum(1)
+    group_order = torch.sort(group_count, descending=True, stable=True).indices.to(torch.int32)
+    return pair_rows, tiles, wave_tiles, first[:, 0].to(torch.int32), group_count.to(torch.int32), group_order
+
+
+def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: torch.Tensor | None = None,
+              config: TileConfig | None = None) -> _Plan:
+    """Route (or take a given selection [T, Hq, >= n_select], -1 only at the tail) and group the pairs."""
+    config = config or CONFIG
+    T, Hq, _ = q.shape
+    Hkv = k.shape[1]
+    NB = layout.num_blocks
+    bounds = layout.doc_first_block
+    max_blocks = max(b - a for a, b in zip(bounds, bounds[1:]))
+    n_select = min(topk - 1, max_blocks - 1)
+    block_start = layout.block_start.to(torch.int32)
+    block_len = layout.block_len.to(torch.int32)
+    if sel is None:
+        block_doc_first = layout.token_doc_first_block[layout.block_start].to(torch.int32)
+        sel = routing.select_blocks(q.detach(), k.detach(), block_start, block_len, block_doc_first,
+                                    layout.block_size, n_select, config.route_m, config.route_n)
+    else:
+        sel = sel[..., :n_select].to(torch.int32).contiguous()
+    if n_select > 0:
+        grouped = _group_pairs(sel, Hq, Hkv, NB, config.pair_m)
+    else:
+        empty = torch.zeros(0, dtype=torch.int32, device=q.device)
+        zeros = torch.zeros(Hkv * NB, dtype=torch.int32, device=q.device)
+        grouped = (empty, empty.view(0, 4), [], zeros, zeros, torch.arange(Hkv * NB, dtype=torch.int32, device=q.device))
+    return _Plan(layout, block_start, block_len, sel, n_select, *grouped, scale=softmax_scale, config=config)
+
+
+def _dims(q, k):
+    T, Hq, D = q.shape
+    return T, Hq, k.shape[1], Hq // k.shape[1], D, triton.next_power_of_2(max(D, 16))
+
+
+def _precision(dtype) -> str:
+    # fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _own_grid(plan: _Plan, G: int, block_m: int):
+    """(rows per tile, tokens per tile, tiles per block): a tile holds whole tokens (all G heads)."""
+    block_m = max(block_m, triton.next_power_of_2(G))
+    tok_per_tile = block_m // G
+    return block_m, tok_per_tile, -(-plan.layout.block_size // tok_per_tile)
+
+
+def _waves(plan: _Plan):
+    """(wave index, first tile, tile count) of each non-empty wave, in order."""
+    base = 0
+    for s, n in enumerate(plan.wave_tiles):
+        if n:
+            yield s, base, n
+        base += n
+
+
+def forward(q, k, v, plan: _Plan):
+    T, Hq, Hkv, G, D, BD = _dims(q, k)
+    c, prec = plan.config, _precision(q.dtype)
+    scale2 = plan.scale * math.log2(math.e)
+    out = torch.empty_like(q)
+    lse = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
+    if plan.n_select:
+        acc = torch.empty(T * Hq, D, dtype=torch.float32, device=q.device)
+        m = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
+        l = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
+        for s, base, n in _waves(plan):
+            kernels.fwd_pairs_kernel[(n,)](
+                q, k, v, acc, m, l, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len, scale2, Hkv, D,
+                FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.pair_n, BLOCK_D=BD, PRECISION=prec,
+                num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+    else:
+        acc = m = l = lse  # never read: no row has a selected block
+    own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
+    kernels.fwd_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
+        q, k, v, out, lse, acc, m, l, plan.sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
+        plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.own_n, BLOCK_D=BD, PRECISION=prec,
+        num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, plan: _Plan):
+    T, Hq, Hkv, G, D, BD = _dims(q, k)
+    c, prec = plan.config, _precision(q.dtype)
+    scale2 = plan.scale * math.log2(math.e)
+    dout = dout.contiguous()
+    delta = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
+    kernels.bwd_delta_kernel[(triton.cdiv(T * Hq, 64),)](out, dout, delta, T * Hq, D, BLOCK_M=64, BLOCK_D=BD)
+
+    dq = torch.empty_like(q)
+    dq_acc = torch.empty(T * Hq, D, dtype=torch.float32, device=q.device) if plan.n_select else delta
+    for s, base, n in _waves(plan):
+        kernels.bwd_dq_pairs_kernel[(n,)](
+            q, k, v, dout, lse, delta, dq_acc, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len,
+            plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.pair_n, BLOCK_D=BD,
+            PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+    own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
+    kernels.bwd_dq_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
+        q, k, v, dout, lse, delta, dq_acc, dq, plan.sel, plan.block_start, plan.block_len, plan.scale, scale2,
+        Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.own_n, BLOCK_D=BD,
+        PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+    del dq_acc
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    NB = plan.layout.num_blocks
+    chunks = -(-plan.layout.block_size // c.dkv_n)
+    kernels.bwd_dkv_kernel[(Hkv * NB * chunks,)](
+        q, k, v, dout, lse, delta, dk, dv, plan.pair_rows, plan.group_first, plan.group_count, plan.group_order,
+        plan.block_start, plan.block_len, plan.scale, scale2, Hq, Hkv, G, D, NB, chunks,
+        BLOCK_M=c.dkv_m, BLOCK_N=c.dkv_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+    return dq, dk, dv
+
+
+class _TritonMoBA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan):
+        out, lse = forward(q, k, v, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*backward(q, k, v, out, lse, dout, ctx.plan), None)
+
+
+def moba_triton(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float,
+                selected: torch.Tensor | None = None) -> torch.Tensor:
+    """The operator on Triton kernels. `selected` (tests only) replaces the gate by a given selection."""
+    _check(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    plan = make_plan(q, k, layout, topk, softmax_scale, sel=selected)
+    return _TritonMoBA.apply(q, k, v, plan)
+
+
+__all__ = ["moba_triton", "missing", "make_plan", "TileConfig", "CONFIG"]

@@ -1,36 +1,78 @@
-"""`moba-train`: until the staged trainer lands, a short demonstration of the MoBA operator."""
+"""`moba-train [recipe=NAME] [key=value ...]`: compose the Hydra config, check it, run the job.
+
+Works the same started by hand, by `torchrun`, or by `deepspeed --module moba_train` (whose
+`--local_rank=N` argument is taken here, since Hydra's parser would reject it).
+"""
 
 from __future__ import annotations
 
-import time
+import logging
+import os
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from moba_train.ops import moba_attn_varlen
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    doc_lens = [3000, 5192]                 # two documents packed into one 8K sequence
-    T, Hq, Hkv, D, block, topk = sum(doc_lens), 8, 2, 64, 512, 3
-    cu = torch.tensor([0, doc_lens[0], T], dtype=torch.int32)
-    q, k, v = torch.randn(T, Hq, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+def _split_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local_rank N` (DeepSpeed's launcher) into LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
-    t0 = time.perf_counter()
-    out = moba_attn_varlen(q, k, v, cu, max(doc_lens), block_size=block, topk=topk)
-    t_moba = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    full = torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                     v[a:b].transpose(0, 1), is_causal=True, enable_gqa=True)
-                      .transpose(0, 1) for a, b in ((0, doc_lens[0]), (doc_lens[0], T))])
-    t_full = time.perf_counter() - t0
-    exact = moba_attn_varlen(q, k, v, cu, max(doc_lens), block_size=block, topk=99)
-    print(f"MoBA block {block}, top-{topk} over {T} packed tokens ({len(doc_lens)} documents): "
-          f"{t_moba * 1e3:.0f} ms; full causal SDPA {t_full * 1e3:.0f} ms")
-    print(f"MoBA vs full attention, mean |diff| {(out - full).abs().mean():.3f}; "
-          f"with top-k >= blocks {(exact - full).abs().max():.1e} (exact)")
+def _rank_overrides() -> list[str]:
+    """Only rank 0 writes Hydra's files (.hydra/, the log) into the shared run directory."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def run_job(cfg_dict: dict):
+    """Validate a composed config and run it; every entry point ends here."""
+    from moba_train.trainer.config import load_run_config
+    from moba_train.trainer.run import train
+
+    run_cfg = load_run_config(cfg_dict)
+    return train(run_cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    if not CONFIG_DIR.is_dir():
+        sys.exit(f"moba-train: config directory {CONFIG_DIR} not found; install the project from its repository "
+                 f"(pip install -e .) so that configs/ and recipes/ are next to the package")
+    argv = _split_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from moba_train.schema import ConfigError
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+    def _app(cfg) -> None:
+        logging.getLogger("moba_train").setLevel(logging.INFO)
+        try:
+            run_job(OmegaConf.to_container(cfg, resolve=True))
+        except ConfigError as e:
+            sys.exit(f"moba-train: configuration error: {e}")
+
+    sys.argv = [sys.argv[0], *argv, *_rank_overrides()]
+    _app()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Atomic checkpoints: DeepSpeed's engine state plus the run's own state, found again by `resume=auto`.
+
+Layout under `<output_dir>/checkpoints/`:
+    .partial/<tag>/      being written (DeepSpeed files, trainer_state.json, rng_rank<r>.pt)
+    <tag>/               complete: renamed from .partial only after every rank has written
+    latest               the newest complete tag, replaced atomically
+A crash at any moment leaves either the previous `latest` or the new one, never a torn checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where the run stands; everything needed besides the engine to continue exactly."""
+
+    stage_index: int = 0
+    stage_step: int = 0                 # optimizer steps done in the current stage
+    global_step: int = 0
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    data_state: dict = field(default_factory=dict)    # the current stage's sampler (global, rank-independent)
+    plan_progress: float = 0.0
+    world: dict = field(default_factory=dict)         # {"dp": .., "sp": ..} when saved
+    wandb_run_id: str | None = None
+
+
+def _tag(state: TrainState) -> str:
+    return f"step{state.global_step:08d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(engine, root: Path, state: TrainState, keep: int) -> Path:
+    """Write a checkpoint of the engine and `state`; every rank must call it."""
+    tag = _tag(state)
+    partial = root / ".partial"
+    if _rank() == 0 and (partial / tag).exists():
+        shutil.rmtree(partial / tag)               # leftovers of a crash during an earlier save
+    _barrier()
+    engine.save_checkpoint(str(partial), tag=tag, save_latest=False)
+    torch.save(_rng_state(), partial / tag / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (partial / tag / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial / tag, final)
+        _write_atomic(root / "latest", tag)
+        _prune(root, keep, protect=tag)
+        log.info("checkpoint %s written", final)
+    _barrier()
+    return root / tag
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest complete checkpoint: `latest` if valid, else the newest complete tag directory."""
+    if not root.is_dir():
+        return None
+    latest = root / "latest"
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+        log.warning("checkpoint pointer %s names %s, which is incomplete; looking for an older one", latest, candidate)
+    complete = sorted(p for p in root.glob("step*") if (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def read_state(ckpt: Path) -> TrainState:
+    try:
+        return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"checkpoint {ckpt} has no readable {STATE_FILE} ({e}); point `trainer.resume` at a "
+                         f"complete checkpoint directory or set trainer.resume=never") from None
+
+
+def load(engine, ckpt: Path, universal: bool) -> None:
+    """Restore engine state (and this rank's RNG when the layout is unchanged)."""
+    tag = ckpt.name + ("_universal" if universal else "")
+    load_dir = ckpt.parent
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {load_dir / tag}; it may be from another model")
+    rng_file = ckpt / f"rng_rank{_rank()}.pt"
+    if not universal and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def convert_to_universal(ckpt: Path) -> None:
+    """Reshard support: DeepSpeed's universal format, made once next to the checkpoint (rank 0)."""
+    out = ckpt.parent / f"{ckpt.name}_universal"
+    if _rank() == 0 and not (out / "zero").exists():
+        # ds_to_universal wants `latest` naming the tag inside its input folder's parent
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        log.info("converting %s to a universal checkpoint for a new parallel layout", ckpt)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {ckpt}:\n{res.stderr[-2000:]}")
+    _barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    tags = sorted(p for p in root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))
+    for old in tags[:-keep] if keep > 0 else []:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(root / f"{old.name}_universal", ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

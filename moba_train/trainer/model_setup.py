@@ -1,0 +1,67 @@
+"""Load the configured model for training: weights, tokenizer, dtype and the memory knobs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from moba_train.models import LoadedModel, load_embedded, load_gguf, load_hf_dir, build_from_config
+from moba_train.models.tiled_mlp import tile_mlps
+
+from .config import RunConfig
+from .engine import model_dtype
+
+log = logging.getLogger(__name__)
+
+
+def _embedded(cfg: RunConfig, name: str, dtype) -> LoadedModel:
+    return load_embedded(name, dtype=dtype, cache_dir=Path(cfg.paths.cache_dir).expanduser() / "models" / name)
+
+
+def load_tokenizer(cfg: RunConfig, spec: str):
+    """`embedded:<name>` (the embedded model's tokenizer) or a local tokenizer directory."""
+    if spec.startswith("embedded:"):
+        return _embedded(cfg, spec.split(":", 1)[1], "float32").tokenizer
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model.tokenizer={spec!r} is not a directory; give a local tokenizer directory or "
+                         f"embedded:<name> (nothing is downloaded)")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_for_training(cfg: RunConfig) -> LoadedModel:
+    m = cfg.model
+    dtype = model_dtype(cfg)
+    if m.source == "embedded":
+        loaded = _embedded(cfg, m.name, dtype)
+    elif m.source == "hf":
+        loaded = load_hf_dir(m.path, dtype=dtype)
+    elif m.source == "gguf":
+        loaded = load_gguf(m.path, dtype=dtype)
+    else:
+        loaded = LoadedModel(build_from_config(m.config, dtype=dtype, seed=cfg.trainer.seed), None, None)
+    if m.tokenizer is not None:
+        loaded.tokenizer = load_tokenizer(cfg, m.tokenizer)
+    if loaded.tokenizer is None:
+        raise ValueError("the model has no tokenizer; set model.tokenizer to a local tokenizer directory or "
+                         "embedded:<name>")
+    model = loaded.model
+    model.train()
+    model.config.use_cache = False
+    if m.offload_activations and not m.activation_checkpointing:
+        raise ValueError("model.offload_activations moves the checkpointed layer inputs to CPU memory: it needs "
+                         "model.activation_checkpointing=true")
+    if m.activation_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                  offload=m.offload_activations)
+        elif m.offload_activations:
+            raise ValueError("model.offload_activations needs transformers' activation_checkpointing_enable(offload=...) "
+                             "(transformers >= 5.20); upgrade transformers or set model.offload_activations=false")
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.tiled_mlp_chunks > 1:
+        tile_mlps(model, m.tiled_mlp_chunks)
+    return loaded

@@ -1,0 +1,68 @@
+"""Console output of a run (rank 0): a progress bar per stage and summary tables."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+
+@dataclass
+class StageSummary:
+    name: str
+    seq_len: int
+    mode: str
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    val_loss: float | None = None
+    tail_loss: float | None = None       # validation loss on the last positions of each sequence
+    skipped_steps: int = 0
+    plan: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class StageProgress:
+    """tqdm bar: stage, step, loss, tokens/s, ETA (tqdm's own, from the step rate)."""
+
+    def __init__(self, stage: str, total_steps: int, done_steps: int, enabled: bool):
+        self.bar = tqdm(total=total_steps, initial=done_steps, desc=f"[{stage}]", unit="step", disable=not enabled,
+                        dynamic_ncols=True, file=sys.stdout, mininterval=0.5)
+        self.started = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, tokens: int, loss: float, lr: float, plan_changed: str | None = None) -> None:
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.started
+        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {self.tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        self.bar.update(1)
+        if plan_changed:
+            self.bar.write(f"  attention plan -> {plan_changed}")
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_table(rows: list[StageSummary]) -> str:
+    head = ["stage", "mode", "seq", "steps", "tokens", "tok/s", "loss first->last", "val loss", "tail loss", "skipped"]
+    body = []
+    for r in rows:
+        loss = (f"{r.first_loss:.4f} -> {r.last_loss:.4f}" if r.first_loss is not None and r.last_loss is not None else "-")
+        body.append([r.name, r.mode, str(r.seq_len), str(r.steps), f"{r.tokens:,}", f"{r.tokens_per_s:,.0f}", loss,
+                     f"{r.val_loss:.4f}" if r.val_loss is not None else "-",
+                     f"{r.tail_loss:.4f}" if r.tail_loss is not None else "-", str(r.skipped_steps)])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep, *(line(b) for b in body)])

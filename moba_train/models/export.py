@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,11 +45,21 @@ def plan_from_record(record: Mapping, num_layers: int, where: str) -> AttentionP
     return plan
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def staging_dir(target: Path, kind: str = "tmp") -> Path:
+    """An empty sibling of `target` to write into before renaming it into place (same filesystem: atomic rename).
+
+    Made with mkdir rather than tempfile.mkdtemp so that it gets the umask's permissions, not 0700.
+    """
+    path = target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def replace_dir(new: Path, target: Path) -> None:
     """Move the finished directory `new` to `target`; the old target, if any, is removed only afterwards."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = staging_dir(target, "old")
         os.rename(target, old / target.name)
     os.rename(new, target)
     if old is not None:
@@ -70,7 +80,7 @@ def export_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike, pla
     if plan.num_layers != layers:
         raise ValueError(f"the plan covers {plan.num_layers} layers but the model has {layers}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_dir(target)
     config = model.config
     try:
         setattr(config, EXPORT_KEY, plan_record(plan))
@@ -80,7 +90,7 @@ def export_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike, pla
             delattr(config, EXPORT_KEY)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _replace_dir(staging, target)
+        replace_dir(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

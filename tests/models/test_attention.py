@@ -220,3 +220,12 @@ def test_conflicting_cu_seqlens_are_refused():
 
 def test_tiny_configs_cover_every_family():
     assert {tiny_config(f)["model_type"] for f in FAMILIES} == {"llama", "qwen2", "qwen3", "mistral"}
+
+
+@pytest.mark.parametrize("plan", [FULL, MOBA_ALL_BLOCKS], ids=["full", "moba-all-blocks"])
+def test_bf16_model_close_to_stock_sdpa(plan):
+    """A small bf16 check only: bf16 matmuls are ~150x slower than fp32 on this CPU."""
+    ref = stock_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(9))
+    got = logits(with_plan(ref, plan), input_ids=ids)
+    torch.testing.assert_close(got, logits(ref, input_ids=ids), atol=3e-2, rtol=3e-2)

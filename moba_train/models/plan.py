@@ -22,7 +22,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..ops.full_attn import FULL_ATTN_BACKENDS
+from ..ops.moba import BACKENDS as MOBA_BACKENDS
+
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class PhaseConfig:
@@ -131,9 +135,10 @@ def validate_config(cfg: Mapping, num_layers: int) -> tuple[dict, list[tuple[flo
     for key in ("block_size", "topk"):
         if not _is_int(full[key]) or full[key] < 1:
             raise ValueError(f"attention plan: {key} must be an int >= 1, got {full[key]!r}")
-    for key in ("backend", "full_backend"):
-        if not isinstance(full[key], str) or not full[key]:
-            raise ValueError(f"attention plan: {key} must be a backend name such as 'auto', got {full[key]!r}")
+    for key, registry in (("backend", MOBA_BACKENDS), ("full_backend", FULL_ATTN_BACKENDS)):
+        names = ["auto", *sorted(registry)]
+        if full[key] not in names:
+            raise ValueError(f"attention plan: {key} must be one of {names}, got {full[key]!r}")
     if (full["moba_layers"] is None) == (full["phases"] is None):
         raise ValueError("attention plan: give exactly one of `moba_layers` (one setting for the whole stage) or "
                          "`phases` (a schedule over stage progress)")

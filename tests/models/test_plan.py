@@ -120,11 +120,13 @@ def test_omegaconf_config_and_structured_schema():
     ({**BASE, "phases": [{"until": 1.5, "moba_layers": "all"}]}, 4, r"until=1.5 must be a number in \(0.0, 1.0\]"),
     ({**BASE, "phases": [{"until": 1.0}]}, 4, r"phases\[0\] needs both 'until' and 'moba_layers'"),
     ({**BASE, "phases": [{"until": 1.0, "layers": "all"}]}, 4, r"unknown key 'layers' in attention plan phases\[0\]"),
-    ({**BASE, "backend": "", "moba_layers": "all"}, 4, "backend must be a backend name"),
+    ({**BASE, "backend": "leen", "moba_layers": "all"}, 4, r"backend must be one of \['auto', .*'lean'.*\], got 'leen'"),
+    ({**BASE, "full_backend": "flash2", "moba_layers": "all"}, 4,
+     r"full_backend must be one of \['auto', 'flash', 'sdpa'\], got 'flash2'"),
     ({**BASE, "moba_layers": "all"}, 0, "num_layers must be an int >= 1"),
 ], ids=["typo-key", "neither", "both", "topk-0", "block-0", "block-float", "index-too-big", "index-too-negative",
         "duplicate", "all-but-too-many", "bad-mapping", "bad-word", "no-phases", "not-ending-at-1", "not-increasing",
-        "until-above-1", "phase-missing-key", "phase-typo", "empty-backend", "zero-layers"])
+        "until-above-1", "phase-missing-key", "phase-typo", "unknown-backend", "unknown-full-backend", "zero-layers"])
 def test_bad_configs_raise_with_the_fix(cfg, n, message):
     with pytest.raises(ValueError, match=message):
         AttentionPlan.from_config(cfg, n)

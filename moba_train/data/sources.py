@@ -154,7 +154,7 @@ def read_jsonl(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
                 if not raw.strip():
                     continue   # blank lines separate nothing in jsonl
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.rstrip(b"\r\n").decode("utf-8")
                 except UnicodeDecodeError as e:
                     skips.skip("invalid UTF-8", f"{where} (byte {e.start})")
                     continue

@@ -229,3 +229,18 @@ def test_bf16_model_close_to_stock_sdpa(plan):
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(9))
     got = logits(with_plan(ref, plan), input_ids=ids)
     torch.testing.assert_close(got, logits(ref, input_ids=ids), atol=3e-2, rtol=3e-2)
+
+
+def test_activation_checkpointing_keeps_the_packed_boundaries():
+    """The recompute of a checkpointed layer gets the same varlen kwargs: identical loss and gradients."""
+    ref = stock_model("llama")
+    batch = pack(random_docs(DOC_LENS))
+    grads = []
+    for checkpointing in (False, True):
+        model = with_plan(ref, MIXED).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class StageData:
             "seed": self.seed, "seq_len": self.seq_len, "mode": self.mode, "lookahead": self.data.lookahead,
             "overflow": self.stage.overflow, "long_doc_min_tokens": self.stage.long_doc_min_tokens,
             "long_doc_share": self.stage.long_doc_share,
-            "streams": {s.key: [round(s.weight, 12), len(s.docs)] for s in self.streams},
+            "streams": {s.key: [round(s.weight, 12), len(s.docs), zlib.crc32(s.docs.tobytes())] for s in self.streams},
             "caches": {n: self.sources[n].meta["key"][:16] for n in self.names},
         }
 
@@ -200,6 +201,25 @@ class StageData:
                             f"seed and tokenizer, or start the stage's data from its beginning")
         self._packer.restore(state["packer"])
         self.packs_consumed = int(state["packs_consumed"])
+
+    def continue_from(self, previous: dict) -> list[str]:
+        """Start this stage where a previous stage's state left its documents (carry_over.data_position):
+        each stream over the same documents with the same seed continues its epoch and order, so the new
+        stage does not revisit documents the previous one has not finished with. Mix counters and packing
+        start fresh; the up to `lookahead + 1` pieces queued at the end of the previous stage are not carried.
+        Returns the keys of the streams that continued."""
+        old = previous["fingerprint"]
+        if old["seed"] != self.seed:
+            return []
+        continued = []
+        for s in self.streams:
+            source = self.names[s.source]
+            same_cache = old["caches"].get(source) == self.fingerprint["caches"][source]
+            if same_cache and old["streams"].get(s.key, [None])[1:] == self.fingerprint["streams"][s.key][1:]:
+                epoch, cursor, offset, _ = previous["packer"]["streams"][s.key]
+                s.restore([epoch, cursor, offset, 0])
+                continued.append(s.key)
+        return continued
 
     # ------------------------------------------------------------ validation
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moba_train.data import DataError, build_stage_data
-from tests.data.reference import fake_source, make_stage
+from tests.data.reference import check_batch, fake_source, make_stage
 
 SEQ = 128
 
@@ -117,3 +117,19 @@ def test_resume_through_the_real_pipeline(lee_bpe, tmp_path):
         r.load_state_dict(before[1].state_dict())
     seen += [p for _ in range(1) for r in after for p in rows(next(r))]
     assert seen == reference
+
+
+def test_next_stage_continues_the_document_order_when_asked():
+    src = [fake_source("a", np.random.default_rng(5).integers(5, 60, 100), 0)]
+    first = make_stage(src, seq_len=64, seed=5)
+    for _ in range(10):
+        next(first)
+    state = first.state_dict()
+    epoch, cursor, offset, _ = state["packer"]["streams"]["a"]
+    longer = make_stage(src, seq_len=128, seed=5)
+    assert longer.continue_from(state) == ["a"]
+    s, doc, off, n, _ = check_batch(next(longer), 128, src)[0]
+    assert (doc, off) == (int(first.streams[0].order()[cursor]), offset) and longer.streams[0].epoch == epoch
+    assert make_stage(src, seq_len=128, seed=6).continue_from(state) == []            # another order
+    split = make_stage(src, seq_len=128, seed=5, long_doc_min_tokens=30, long_doc_share=0.5)
+    assert split.continue_from(state) == []                                           # other document sets

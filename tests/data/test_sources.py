@@ -137,3 +137,21 @@ def test_validation_batches_give_every_rank_the_same_count(lee_bpe, tmp_path, dp
     assert len({len(b) for b in per_rank}) == 1
     real = sum(int((b["shift_labels"] != -100).any()) for batches in per_rank for b in batches)
     assert real == 7
+
+
+def test_stdlib_source_is_the_files_in_sorted_order(lee_bpe, tmp_path):
+    data = {"num_proc": 1, "sources": {"stdlib": {"format": "python_stdlib", "max_documents": 12,
+                                                  "holdout_fraction": 0.0}}}
+    stage = build_stage_data(data, {}, lee_bpe, seq_len=512, micro_batch_size=1, mode="pretrain", seed=0,
+                             cache_dir=str(tmp_path))
+    texts = []
+    for path in embedded.stdlib_files():
+        raw = open(path, "rb").read()
+        if raw:
+            texts.append(raw.decode("utf-8"))
+        if len(texts) == 12:
+            break
+    src = stage.sources["stdlib"]
+    assert src.n_docs == 12
+    for d, text in enumerate(texts):
+        assert src.tokens[src.offsets[d]:src.offsets[d + 1]].tolist() == lee_bpe(text)["input_ids"] + [lee_bpe.eos_token_id]

@@ -1,7 +1,8 @@
 """Schemas of the `data:` config group (sources, tokenization) and of a stage's `data:` mix.
 
 Both are plain dataclasses read with `moba_train.schema.from_dict`, so an unknown key, a wrong type
-or a bad value fails with its config path before anything is read or tokenized.
+or a bad value fails with its config path before anything is read or tokenized. They use only types
+OmegaConf accepts (no Literal), so they also serve as Hydra structured configs.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import glob
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from moba_train.schema import ConfigError, from_dict
+
+
+SAMPLE_BY = ("document", "line", "paragraph")
+OVERFLOW = ("split", "drop")
 
 
 @dataclass
@@ -28,7 +33,7 @@ class SourceConfig:
     messages_field: str | None = None            # chat records: a list of {role, content}
     prompt_field: str | None = None              # instruction records: the user's prompt ...
     response_field: str | None = None            # ... and the assistant's answer
-    sample_by: Literal["document", "line", "paragraph"] = "document"   # format text: what one document is
+    sample_by: str = "document"                  # format text: what one document is: document | line | paragraph
     streaming: bool = False                      # parquet/hub: read without materializing an Arrow copy
     max_documents: int | None = None             # stop reading after this many usable documents
     holdout_fraction: float = 0.02               # documents held out for validation (by index, seed-free)
@@ -60,7 +65,7 @@ class StageDataConfig:
     """A stage's `data:` block: which sources it mixes, in what shares, and what happens to long documents."""
 
     mix: dict[str, float] = field(default_factory=dict)   # source -> share of the stage's tokens; {}: natural
-    overflow: Literal["split", "drop"] = "split"         # documents longer than the stage's seq_len
+    overflow: str = "split"               # documents longer than the stage's seq_len: split | drop
     long_doc_min_tokens: int = 0          # a document this long or longer counts as long
     long_doc_share: float | None = None   # share of each source's tokens drawn from its long documents;
                                           # None: whatever share they have naturally
@@ -98,6 +103,8 @@ def check_data_config(cfg: DataConfig, where: str = "data") -> None:
         if src.format not in FORMATS:
             raise ConfigError(f"{at}.format: unknown format {src.format!r}; choose one of {sorted(FORMATS)}")
         FORMATS[src.format].check(src, at)
+        if src.sample_by not in SAMPLE_BY:
+            raise ConfigError(f"{at}.sample_by: {src.sample_by!r} is not one of {list(SAMPLE_BY)}")
         if not 0 <= src.holdout_fraction < 1:
             raise ConfigError(f"{at}.holdout_fraction must be in [0, 1), got {src.holdout_fraction}")
         if src.max_documents is not None and src.max_documents < 1:
@@ -114,6 +121,8 @@ def check_data_config(cfg: DataConfig, where: str = "data") -> None:
 
 
 def check_stage_data_config(cfg: StageDataConfig, where: str = "stage.data") -> None:
+    if cfg.overflow not in OVERFLOW:
+        raise ConfigError(f"{where}.overflow: {cfg.overflow!r} is not one of {list(OVERFLOW)}")
     for name, share in cfg.mix.items():
         if not (share > 0 and math.isfinite(share)):
             raise ConfigError(f"{where}.mix.{name} must be a positive share, got {share}; remove the source to leave it out")

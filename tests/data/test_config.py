@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from moba_train.data import DataConfig, build_stage_data, embedded_sources, parse_data_config, parse_stage_data_config
+from moba_train.data import DataConfig, StageDataConfig, build_stage_data, embedded_sources, parse_data_config, parse_stage_data_config
 from moba_train.schema import ConfigError
 
 
@@ -25,6 +25,16 @@ def test_a_composed_hydra_config_is_accepted():
     cfg = parse_data_config(raw)
     assert cfg.sources["mine"].holdout_fraction == 0.2 and cfg.num_proc == 1
     assert parse_stage_data_config(OmegaConf.create({"mix": {"mine": 1}})).mix == {"mine": 1.0}
+
+
+def test_schemas_work_as_hydra_structured_configs():
+    schema = OmegaConf.structured(DataConfig)
+    merged = OmegaConf.merge(schema, {"sources": {"mine": {"format": "jsonl", "path": "/x.jsonl"}}})
+    assert merged.sources.mine.text_field == "text" and "stdlib" in merged.sources
+    with pytest.raises(Exception, match="textfield"):
+        OmegaConf.merge(schema, {"sources": {"mine": {"format": "jsonl", "textfield": "t"}}})
+    stage = OmegaConf.merge(OmegaConf.structured(StageDataConfig), {"mix": {"lee": 2}, "overflow": "drop"})
+    assert parse_stage_data_config(stage).mix == {"lee": 2.0}
 
 
 CONFIG_ERRORS = {
@@ -49,7 +59,9 @@ CONFIG_ERRORS = {
     "long-share-without-length": ({}, {"mix": {"lee": 1}, "long_doc_share": 0.5}, r"needs long_doc_min_tokens >= 2"),
     "long-length-over-seq-len": ({}, {"mix": {"lee": 1}, "long_doc_share": 0.5, "long_doc_min_tokens": 4096},
                                  r"long_doc_min_tokens=4096 exceeds the stage's seq_len 128"),
-    "bad-overflow": ({}, {"overflow": "truncate"}, r"'truncate' is not one of \['split', 'drop'\]"),
+    "bad-overflow": ({}, {"overflow": "truncate"}, r"overflow: 'truncate' is not one of \['split', 'drop'\]"),
+    "bad-sample-by": ({"sources": {"x": {"format": "lee_corpus", "sample_by": "page"}}}, {},
+                      r"sample_by: 'page' is not one of"),
     "wrong-type": ({"lookahead": "many"}, {}, r"data.lookahead: expected int"),
 }
 

@@ -42,10 +42,11 @@ class SkipLog:
         return "; ".join(f"{n} x {reason} (e.g. {', '.join(self.examples[reason])})"
                          for reason, n in self.counts.most_common())
 
+    def brief(self) -> str:
+        return f"skipped {self.total} record(s): {self.describe()}" if self.total else "no records skipped"
+
     def summary(self) -> str:
-        if not self.total:
-            return f"{self.source}: no records skipped"
-        return f"{self.source}: skipped {self.total} record(s): {self.describe()}"
+        return f"{self.source}: {self.brief()}"
 
     def to_dict(self) -> dict:
         return {"counts": dict(self.counts), "examples": self.examples}

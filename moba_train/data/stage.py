@@ -8,9 +8,7 @@ no pack is repeated or skipped. Ranks of one sequence-parallel group pass the sa
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
 import zlib
 
@@ -23,8 +21,6 @@ from moba_train.data.config import (DataConfig, StageDataConfig, check_stage_aga
 from moba_train.data.packing import PAD, Mixer, Packer, Stream, materialize
 from moba_train.data.skips import DataError
 from moba_train.schema import ConfigError
-
-log = logging.getLogger(__name__)
 
 MODES = ("pretrain", "sft")
 STATE_VERSION = 1
@@ -271,7 +267,7 @@ class StageData:
             held = int(src.lengths[self.heldout_docs[name]].sum())
             lines.append(f"  {name}: share {self.shares[name]:.3f}; {len(self.train_docs[name])} training documents "
                          f"({train:,} tokens), {len(self.heldout_docs[name])} held out ({held:,} tokens); "
-                         f"{src.skips.summary().split(': ', 1)[1]}")
+                         f"{src.skips.brief()}")
         total = sum(s.emitted for s in self.streams) or 1
         for s in self.streams:
             lines.append(f"  stream {s.key}: weight {s.weight:.3f}, {len(s.docs)} documents, epoch {s.epoch}, "

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -41,10 +41,25 @@ class EncoderSpec:
 
 
 _WORKER: dict = {}
+PARALLELISM_VAR = "TOKENIZERS_PARALLELISM"
+
+
+@contextmanager
+def _one_thread():
+    """num_proc=1 runs in this process on one core: no Rayon threads while tokenizing, then as before."""
+    before = os.environ.get(PARALLELISM_VAR)
+    os.environ[PARALLELISM_VAR] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PARALLELISM_VAR]
+        else:
+            os.environ[PARALLELISM_VAR] = before
 
 
 def _init_worker(spec: EncoderSpec) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # the pool is the parallelism; no Rayon in forked children
+    os.environ[PARALLELISM_VAR] = "false"   # the pool is the parallelism: no Rayon threads in the workers
     from tokenizers import Tokenizer
     _WORKER["tokenizer"] = Tokenizer.from_str(spec.tokenizer_json)
     _WORKER["spec"] = spec
@@ -119,12 +134,13 @@ def tokenize_records(records: Iterator[tuple], *, chat: bool, renderer: ChatRend
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         pool = multiprocessing.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(spec,))
     else:
-        _init_worker(spec)
+        from tokenizers import Tokenizer
+        _WORKER.update(tokenizer=Tokenizer.from_str(spec.tokenizer_json), spec=spec)
     lengths: list[np.ndarray] = []
     n_tokens, started, last_report = 0, time.perf_counter(), time.perf_counter()
     pending: deque = deque()
     try:
-        with open(os.path.join(out_dir, "tokens.bin"), "wb") as tok_file, \
+        with nullcontext() if pool else _one_thread(), open(os.path.join(out_dir, "tokens.bin"), "wb") as tok_file, \
                 open(os.path.join(out_dir, "targets.bin"), "wb") if chat else nullcontext() as tgt_file:
 
             def drain_one() -> None:

@@ -97,3 +97,10 @@ def test_concurrent_ranks_build_one_cache(lee_bpe, tmp_path):
     assert len(dirs) == 1 and builds_log.read_text() == "built\n"
     name = os.path.basename(dirs.pop())
     assert sorted(os.listdir(cache)) == sorted([name, f".{name}.lock"])    # no temporary directory left behind
+
+
+def test_one_process_leaves_the_callers_environment_alone(lee_bpe, tmp_path, monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    path = jsonl(tmp_path / "d.jsonl", embedded.lee_articles()[:5])
+    open_source("t", source(path), lee_bpe, DataConfig(num_proc=1), str(tmp_path / "c"))
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

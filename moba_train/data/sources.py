@@ -174,29 +174,44 @@ def read_jsonl(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
 def read_text(src: SourceConfig, skips: SkipLog, files: list[str] | None = None) -> Iterator[tuple]:
     for path in files if files is not None else _non_empty_files(src, TEXT_EXT, skips):
         with _open_binary(path) as f:
-            data = f.read()
-        if not data:
-            skips.skip("empty file", path)
-            continue
-        if src.sample_by == "document":
-            try:
-                yield data.decode("utf-8"), path
-            except UnicodeDecodeError as e:
-                skips.skip("invalid UTF-8", f"{path} (byte {e.start})")
-            continue
-        units = data.split(b"\n") if src.sample_by == "line" else _paragraphs(data)
-        for number, unit in enumerate(units, 1):
-            if not unit.strip():
+            if src.sample_by == "document":
+                data = f.read()
+                if not data.strip():
+                    skips.skip("empty file", path)
+                    continue
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    skips.skip("invalid UTF-8", f"{path} (byte {e.start})")
+                    continue
+                yield text, path
                 continue
-            where = f"{path}:{'line' if src.sample_by == 'line' else 'paragraph'} {number}"
-            try:
-                yield unit.decode("utf-8"), where
-            except UnicodeDecodeError as e:
-                skips.skip("invalid UTF-8", f"{where} (byte {e.start})")
+            for number, unit in _units(f, src.sample_by):   # streamed: a file may be larger than memory
+                where = f"{path}:{src.sample_by} {number}"
+                try:
+                    text = unit.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    skips.skip("invalid UTF-8", f"{where} (byte {e.start})")
+                    continue
+                yield text, where
 
 
-def _paragraphs(data: bytes) -> list[bytes]:
-    return [p for p in data.replace(b"\r\n", b"\n").split(b"\n\n")]
+def _units(f, sample_by: str) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes) of each non-blank line, or of each paragraph (lines up to a blank line)."""
+    if sample_by == "line":
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield number, line.rstrip(b"\r\n")
+        return
+    paragraph, number = [], 1
+    for line in f:
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield number, b"".join(paragraph).rstrip(b"\r\n")
+            paragraph, number = [], number + 1
+    if paragraph:
+        yield number, b"".join(paragraph).rstrip(b"\r\n")
 
 
 def _check_text(src: SourceConfig, at: str) -> None:

@@ -79,6 +79,9 @@ def test_invalid_utf8_is_a_counted_skip(lee_bpe, tmp_path):
     (tmp_path / "t" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     report = build(lee_bpe, tmp_path, {"format": "text", "path": str(tmp_path / "t")}).report()
     assert "1 x invalid UTF-8" in report and "latin1.txt (byte 3)" in report
+    lines(tmp_path / "lines.txt", GOOD[0].encode(), "caf\xe9".encode("latin-1"), GOOD[1].encode())
+    stage = build(lee_bpe, tmp_path, {"format": "text", "path": str(tmp_path / "lines.txt"), "sample_by": "line"})
+    assert "lines.txt:line 2 (byte 3)" in stage.report() and stage.sources["s"].n_docs == 2
 
 
 def test_json_line_that_does_not_parse_is_a_counted_skip(lee_bpe, tmp_path):

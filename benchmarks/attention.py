@@ -1,11 +1,16 @@
-"""MoBA backends against full causal SDPA: forward and forward+backward time, peak memory.
+"""MoBA backends against full causal SDPA: forward and forward+backward time, TFLOP/s, peak memory.
 
 CPU (each measurement in a fresh process, so peak RSS belongs to that case alone):
     python benchmarks/attention.py --device cpu --lengths 4096 16384 65536
-GPU:
+GPU, any shape:
     python benchmarks/attention.py --device cuda --dtype bf16 --lengths 32768 131072 --heads 32 8 --head-dim 128
+GPU, the settings of docs/benchmarks.md (all in one process, on one device):
+    python benchmarks/attention.py --device cuda --dtype bf16 --settings a b c \
+        --backends sdpa-flash sdpa-cudnn flex triton
 
-Prints a markdown table (for docs/benchmarks.md) and writes JSON lines with --out.
+TFLOP/s count the work each method must do: causal attention for SDPA, each query's own block
+(causal) plus its selected blocks for MoBA; 4 * D FLOPs per (query head, key) forward and 3.5x that
+for forward+backward (FlashAttention's convention). Prints a markdown table and writes JSON lines with --out.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from datetime import date
 
 import torch
@@ -26,28 +32,60 @@ import torch.nn.functional as F
 from moba_train.ops import moba_attn_varlen
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SDPA_KERNELS = ("sdpa", "sdpa-flash", "sdpa-cudnn")
 
 
-def attention_fn(backend: str, args):
-    T = args.length
-    cu = torch.tensor([0, T], dtype=torch.int32, device=args.device)
-    if backend.startswith("sdpa"):
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    length: int                 # tokens per sequence (one document each)
+    batch: int
+    heads: tuple[int, int]      # (Hq, Hkv)
+    head_dim: int
+    block_size: int
+    topk: int
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+
+
+# The settings of issue 7 (a: the paper's training shapes, b: FlashMoBA's, c: the paper's 1M forward).
+SETTINGS = {
+    "a": [Setting(f"a {n // 1024}K bs{bs} top{k}", n, 1, (32, 8), 128, bs, k)
+          for n in (32768, 131072) for bs, k in ((512, 8), (4096, 4))],
+    "b": [Setting("b 512K x2 bs128 top8", 524288, 2, (16, 16), 128, 128, 8)],
+    "c": [Setting("c 1M bs4096 top12", 1 << 20, 1, (32, 8), 128, 4096, 12, modes=("fwd",))],
+}
+
+
+def work_flops(s: Setting, backend: str) -> float:
+    """Forward FLOPs of the keys each query must see: causal for SDPA, own block + selected blocks for MoBA."""
+    pos = torch.arange(s.length, dtype=torch.float64)
+    if backend in SDPA_KERNELS:
+        keys = (pos + 1).sum()
+    else:
+        blk = torch.div(pos, s.block_size, rounding_mode="floor")
+        keys = (pos - blk * s.block_size + 1 + torch.clamp(blk, max=s.topk - 1) * s.block_size).sum()
+    return 4.0 * s.head_dim * s.heads[0] * s.batch * float(keys)
+
+
+def attention_fn(backend: str, s: Setting, device: str):
+    if backend in SDPA_KERNELS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         kernel = {"sdpa": None, "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
 
-        def fn(q, k, v):
-            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+        def fn(q, k, v):  # [B*L, H, D] -> [B, H, L, D]
+            qt, kt, vt = (x.view(s.batch, s.length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
             if kernel is None:
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
             with sdpa_kernel(kernel):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
         return fn
-    return lambda q, k, v: moba_attn_varlen(q, k, v, cu, T, block_size=args.block_size, topk=args.topk, backend=backend)
+    cu = torch.arange(0, s.batch + 1, dtype=torch.int32, device=device) * s.length
+    return lambda q, k, v: moba_attn_varlen(q, k, v, cu, s.length, block_size=s.block_size, topk=s.topk, backend=backend)
 
 
-def naive_estimate_gb(args) -> float:
+def naive_estimate_gb(s: Setting) -> float:
     # per query head the oracle keeps scores, probabilities and masks of T x T alive for backward
-    return args.heads[0] * args.length ** 2 * (4 + 4 + 1 + 1) / 2**30
+    return s.heads[0] * s.length ** 2 * (4 + 4 + 1 + 1) / 2**30
 
 
 def sync(device):
@@ -55,116 +93,164 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure_one(args) -> dict:
-    """Run one (backend, length, mode) case in this process and return its numbers."""
+def measure_one(s: Setting, backend: str, mode: str, args) -> dict:
+    """Run one (setting, backend, mode) case in this process and return its numbers."""
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=args.device).manual_seed(0)
-    Hq, Hkv = args.heads
-    shape_q, shape_kv = (args.length, Hq, args.head_dim), (args.length, Hkv, args.head_dim)
-    q = torch.randn(shape_q, generator=g, device=args.device, dtype=dtype).requires_grad_()
-    k = torch.randn(shape_kv, generator=g, device=args.device, dtype=dtype).requires_grad_()
-    v = torch.randn(shape_kv, generator=g, device=args.device, dtype=dtype).requires_grad_()
-    grad_out = torch.randn(shape_q, generator=g, device=args.device, dtype=dtype)
-    fn = attention_fn(args.backend, args)
+    T, (Hq, Hkv) = s.batch * s.length, s.heads
+    q = torch.randn((T, Hq, s.head_dim), generator=g, device=args.device, dtype=dtype).requires_grad_()
+    k = torch.randn((T, Hkv, s.head_dim), generator=g, device=args.device, dtype=dtype).requires_grad_()
+    v = torch.randn((T, Hkv, s.head_dim), generator=g, device=args.device, dtype=dtype).requires_grad_()
+    grad_out = torch.randn((T, Hq, s.head_dim), generator=g, device=args.device, dtype=dtype)
+    grad_sdpa = grad_out.view(s.batch, s.length, Hq, s.head_dim).transpose(1, 2)
+    fn = attention_fn(backend, s, args.device)
 
     def step():
-        out = fn(q, k, v)
-        if args.mode == "fwd+bwd":
-            out.backward(grad_out.transpose(0, 1)[None] if out.dim() == 4 else grad_out)
-        return out
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            out = fn(q, k, v)
+            if mode == "fwd+bwd":
+                out.backward(grad_sdpa if out.dim() == 4 else grad_out)
+        q.grad = k.grad = v.grad = None
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, started = [], time.perf_counter()
+    for i in range(args.warmup):
+        step()
     if args.device == "cuda":
+        sync(args.device)
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
-    times = []
-    for i in range(args.warmup + args.repeats):
+    # Long cases stop early: at least one timed run, then more while under --case-seconds.
+    while len(times) < args.repeats and (not times or time.perf_counter() - started < args.case_seconds):
         sync(args.device)
         t0 = time.perf_counter()
-        with torch.set_grad_enabled(args.mode == "fwd+bwd"):
-            step()
+        step()
         sync(args.device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        q.grad = k.grad = v.grad = None
+        times.append(time.perf_counter() - t0)
     if args.device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024  # KiB -> MiB
-    return {"backend": args.backend, "length": args.length, "mode": args.mode, "ms": 1e3 * statistics.median(times),
+    ms = 1e3 * statistics.median(times)
+    flops = work_flops(s, backend) * (3.5 if mode == "fwd+bwd" else 1.0)
+    return {"setting": s.name, "backend": backend, "mode": mode, "ms": ms, "tflops": flops / ms / 1e9,
             "peak_mib": peak, "repeats": len(times)}
+
+
+def measure_ceilings(device) -> dict:
+    """The two measured ceilings (METHOD.md): device-to-device copy bandwidth and bf16 matmul rate."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    res = {}
+    for name, op, work in (("copy_TBps", lambda: y.copy_(x), 2 * x.numel() / 1e12),
+                           ("bf16_matmul_TFLOPs", lambda: a @ b, 2 * 8192**3 / 1e12)):
+        for _ in range(3):
+            op()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            op()
+        sync(device)
+        res[name] = round(work * 10 / (time.perf_counter() - t0), 2)
+    return res
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="named settings (instead of --lengths ...)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, nargs=2, default=[8, 2], metavar=("HQ", "HKV"))
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["sdpa", "naive", "lean"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    p.add_argument("--skip", nargs="*", default=[], metavar="SETTING:BACKEND",
+                   help="leave these cases out, e.g. 'b 512K x2 bs128 top8:flex' (prefix match on the setting)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--case-seconds", type=float, default=10.0, help="stop repeating a case after this long")
     p.add_argument("--naive-limit-gb", type=float, default=16.0, help="skip the dense oracle above this estimate")
     p.add_argument("--out", help="append JSON lines here")
-    # internal: measure one case in a child process
-    p.add_argument("--backend", help=argparse.SUPPRESS)
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--mode", help=argparse.SUPPRESS)
+    # internal: measure one case in a child process (CPU)
+    p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    if args.backend:
-        print(json.dumps(measure_one(args)))
+    if args.case:
+        case = json.loads(args.case)
+        s = Setting(**{**case["setting"], "heads": tuple(case["setting"]["heads"])})
+        print(json.dumps(measure_one(s, case["backend"], case["mode"], args)))
         return
 
+    if args.settings:
+        settings = [s for name in args.settings for s in SETTINGS[name]]
+    else:
+        settings = [Setting(f"{n}", n, args.batch, tuple(args.heads), args.head_dim, args.block_size, args.topk,
+                            tuple(args.modes)) for n in args.lengths]
+    header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()}
+    if args.device == "cuda":
+        header["ceilings"] = measure_ceilings(args.device)
+    print(json.dumps(header), file=sys.stderr, flush=True)
+
     rows = []
-    for length in args.lengths:
+    for s in settings:
         for backend in args.backends:
-            for mode in args.modes:
-                args.length, args.backend, args.mode = length, backend, mode
-                if backend == "naive" and naive_estimate_gb(args) > args.naive_limit_gb:
-                    rows.append({"backend": backend, "length": length, "mode": mode,
-                                 "skipped": f"needs ~{naive_estimate_gb(args):.0f} GiB"})
-                    continue
-                if args.device == "cpu":
-                    cmd = [sys.executable, __file__, *sys.argv[1:], "--backend", backend, "--length", str(length),
-                           "--mode", mode]
-                    if length >= 32768:  # a single timed run: these take minutes on 2 cores
+            for mode in (m for m in args.modes if m in s.modes):
+                row = {"setting": s.name, "backend": backend, "mode": mode}
+                if any(s.name.startswith(x.split(":")[0]) and backend == x.split(":")[1] for x in args.skip):
+                    row["skipped"] = "not run"
+                elif backend == "naive" and naive_estimate_gb(s) > args.naive_limit_gb:
+                    row["skipped"] = f"needs ~{naive_estimate_gb(s):.0f} GiB"
+                elif args.device == "cpu":
+                    case = json.dumps({"setting": asdict(s), "backend": backend, "mode": mode})
+                    cmd = [sys.executable, __file__, *sys.argv[1:], "--case", case]
+                    if s.length >= 32768:  # a single timed run: these take minutes on 2 cores
                         cmd += ["--warmup", "0", "--repeats", "1"]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     if res.returncode != 0:
-                        rows.append({"backend": backend, "length": length, "mode": mode,
-                                     "skipped": f"failed: {res.stderr.strip().splitlines()[-1][:80]}"})
-                        continue
-                    row = json.loads(res.stdout.strip().splitlines()[-1])
+                        row["skipped"] = f"failed: {res.stderr.strip().splitlines()[-1][:80]}"
+                    else:
+                        row = json.loads(res.stdout.strip().splitlines()[-1])
                 else:
-                    row = measure_one(args)
+                    try:
+                        row = measure_one(s, backend, mode, args)
+                    except torch.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
-                        f.write(json.dumps({**row, "date": str(date.today()), "argv": sys.argv[1:]}) + "\n")
-    print_table(rows, args)
+                        f.write(json.dumps({**row, **header}) + "\n")
+    print_table(rows, settings, args, header)
 
 
-def print_table(rows, args):
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"\n{device}, torch {torch.__version__}, {args.dtype}, Hq {args.heads[0]}, Hkv {args.heads[1]}, "
-          f"D {args.head_dim}, block {args.block_size}, top-{args.topk}, {date.today()}\n")
-    print("| tokens | backend | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | fwd+bwd vs SDPA |")
-    print("|---|---|---|---|---|---|")
-    by = {(r["length"], r["backend"], r["mode"]): r for r in rows}
-    for length in args.lengths:
-        base = by.get((length, "sdpa", "fwd+bwd"), {}).get("ms")
+def print_table(rows, settings, args, header):
+    print(f"\n{header['device']}, torch {torch.__version__}, {args.dtype}, {header['date']}"
+          + (f", measured ceilings {header['ceilings']}" if "ceilings" in header else "") + "\n")
+    print("| setting | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB | fwd vs cuDNN | fwd+bwd vs cuDNN | fwd+bwd vs FA2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    by = {(r["setting"], r["backend"], r["mode"]): r for r in rows}
+    for s in settings:
         for backend in args.backends:
-            f, b = by.get((length, backend, "fwd"), {}), by.get((length, backend, "fwd+bwd"), {})
-            cell = lambda r, key, fmt: (fmt.format(r[key]) if key in r else r.get("skipped", "-"))
-            speed = f"{base / b['ms']:.2f}x" if base and "ms" in b else "-"
-            print(f"| {length} | {backend} | {cell(f, 'ms', '{:.0f}')} | {cell(b, 'ms', '{:.0f}')} | "
-                  f"{cell(b, 'peak_mib', '{:.0f}')} | {speed} |")
+            f, b = by.get((s.name, backend, "fwd"), {}), by.get((s.name, backend, "fwd+bwd"), {})
+            if not f and not b:
+                continue
+            cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else r.get("skipped", "-")
+
+            def speed(base_backend, mode, r):
+                base = by.get((s.name, base_backend, mode), {}).get("ms")
+                return f"{base / r['ms']:.2f}x" if base and "ms" in r else "-"
+            peak = b if "peak_mib" in b else f
+            print(f"| {s.name} | {backend} | {cell(f, 'ms', '{:.1f}')} | {cell(f, 'tflops', '{:.0f}')} | "
+                  f"{cell(b, 'ms', '{:.1f}')} | {cell(b, 'tflops', '{:.0f}')} | {cell(peak, 'peak_mib', '{:.0f}')} | "
+                  f"{speed('sdpa-cudnn', 'fwd', f)} | {speed('sdpa-cudnn', 'fwd+bwd', b)} | {speed('sdpa-flash', 'fwd+bwd', b)} |")
 
 
 if __name__ == "__main__":

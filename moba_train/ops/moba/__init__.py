@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import flex, triton
 from .layout import BlockLayout, build_layout, check_inputs
 from .lean import moba_lean
 from .naive import moba_naive
@@ -14,6 +15,10 @@ register(Backend("naive", moba_naive, devices=("cpu", "cuda"), auto_rank=None,
                  summary="dense masked attention, O(T^2) memory: the test oracle"))
 register(Backend("lean", moba_lean, devices=("cpu", "cuda"), auto_rank=10,
                  summary="tiled PyTorch, memory O(T x topk x block_size), exact backward"))
+register(Backend("flex", flex.moba_flex, devices=("cuda",), auto_rank=20, missing=flex.missing,
+                 summary="torch FlexAttention with a block mask built from the routing: the baseline to beat"))
+register(Backend("triton", triton.moba_triton, devices=("cuda",), auto_rank=30, missing=triton.missing,
+                 summary="fused Triton kernels: tiled routing, queries grouped per key block, deterministic backward"))
 
 
 def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -46,20 +46,22 @@ def _interpreted() -> bool:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shapes and launch settings; BLOCK_M rows x BLOCK_N keys per matrix product."""
+    """Tile shapes and launch settings of the kernels (rows x keys per matrix product)."""
 
-    route_m: int = 64
+    route_m: int = 64        # gate: queries x candidate blocks per step
     route_n: int = 32
-    pair_m: int = 128        # rows per pair tile (forward and dq waves)
-    pair_n: int = 64
+    pair_m: int = 128        # rows per pair tile (forward and dq waves share the tile list)
+    fwd_n: int = 64          # keys per step, forward (pair and own tiles)
     own_m: int = 128         # rows (tokens x G heads) per own-block tile
-    own_n: int = 64
-    dkv_m: int = 64          # rows per step of the dk/dv loop
-    dkv_n: int = 128         # keys per dk/dv program
     fwd_warps: int = 8
     fwd_stages: int = 3
-    bwd_warps: int = 8
-    bwd_stages: int = 2
+    dq_n: int = 64           # keys per step of the dq kernels
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkv_m: int = 64          # rows per step of the dk/dv loop
+    dkv_n: int = 128         # keys per dk/dv program
+    dkv_warps: int = 8
+    dkv_stages: int = 2
 
 
 # Tests swap this for small tiles (so loops take several steps on tiny inputs).
@@ -102,8 +104,9 @@ def _group_pairs(sel: torch.Tensor, hq: int, hkv: int, nb: int, pair_m: int):
     device = sel.device
     flat = sel.view(R, n_select)
     rows = torch.arange(R, device=device, dtype=torch.int64)
-    group = ((rows // (hq // hkv)) % hkv)[:, None] * nb + flat               # (hkv, block) of each pair
-    key = ((group * n_select + torch.arange(n_select, device=device)) << 32) | rows[:, None]
+    # key = ((hkv * NB + block) * n_select + slot) << 32 | row, built in place to keep one [R, n_select] int64
+    key = ((rows // (hq // hkv)) % hkv)[:, None] * nb + flat
+    key.mul_(n_select).add_(torch.arange(n_select, device=device)).bitwise_left_shift_(32).bitwise_or_(rows[:, None])
     key = key[flat >= 0].sort().values                 # keys are unique: the order is fully determined
     pair_rows = (key & 0xFFFFFFFF).to(torch.int32)
     counts = torch.bincount(key >> 32, minlength=hkv * nb * n_select).view(hkv * nb, n_select)
@@ -192,14 +195,14 @@ def forward(q, k, v, plan: _Plan):
         for s, base, n in _waves(plan):
             kernels.fwd_pairs_kernel[(n,)](
                 q, k, v, acc, m, l, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len, scale2, Hkv, D,
-                FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.pair_n, BLOCK_D=BD, PRECISION=prec,
+                FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.fwd_n, BLOCK_D=BD, PRECISION=prec,
                 num_warps=c.fwd_warps, num_stages=c.fwd_stages)
     else:
         acc = m = l = lse  # never read: no row has a selected block
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
     kernels.fwd_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
         q, k, v, out, lse, acc, m, l, plan.sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
-        plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.own_n, BLOCK_D=BD, PRECISION=prec,
+        plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.fwd_n, BLOCK_D=BD, PRECISION=prec,
         num_warps=c.fwd_warps, num_stages=c.fwd_stages)
     return out, lse
 
@@ -217,13 +220,13 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
     for s, base, n in _waves(plan):
         kernels.bwd_dq_pairs_kernel[(n,)](
             q, k, v, dout, lse, delta, dq_acc, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len,
-            plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.pair_n, BLOCK_D=BD,
-            PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+            plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.dq_n, BLOCK_D=BD,
+            PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
     kernels.bwd_dq_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
         q, k, v, dout, lse, delta, dq_acc, dq, plan.sel, plan.block_start, plan.block_len, plan.scale, scale2,
-        Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.own_n, BLOCK_D=BD,
-        PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+        Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.dq_n, BLOCK_D=BD,
+        PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
     del dq_acc
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -232,7 +235,8 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
     kernels.bwd_dkv_kernel[(Hkv * NB * chunks,)](
         q, k, v, dout, lse, delta, dk, dv, plan.pair_rows, plan.group_first, plan.group_count, plan.group_order,
         plan.block_start, plan.block_len, plan.scale, scale2, Hq, Hkv, G, D, NB, chunks,
-        BLOCK_M=c.dkv_m, BLOCK_N=c.dkv_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.bwd_warps, num_stages=c.bwd_stages)
+        BLOCK_M=c.dkv_m, BLOCK_N=c.dkv_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.dkv_warps,
+        num_stages=c.dkv_stages)
     return dq, dk, dv
 
 

@@ -89,7 +89,7 @@ def _own_tile(blk, chunk, hkv, block_start_ptr, block_len_ptr, tok_per_tile, G, 
     return kstart, n_hi, q_pos, rows, row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_base"])
 def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, tiles_ptr, tile_base,
                      block_start_ptr, block_len_ptr, scale2, Hkv, D,
                      FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -186,7 +186,7 @@ def _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_base"])
 def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pair_rows_ptr, tiles_ptr,
                         tile_base, block_start_ptr, block_len_ptr, scale, scale2, Hkv, D,
                         FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

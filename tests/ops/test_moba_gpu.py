@@ -1,0 +1,210 @@
+"""The GPU backends (triton, flex) against the PyTorch ones (naive oracle, lean), on a CUDA device.
+
+Routing: top-k is discontinuous, and the triton gate sums scores in another order than
+`routing.select_blocks`, so at these sizes (thousands of queries, hundreds of candidate blocks) some
+near-ties flip. Attention is therefore compared *given the same selection* (triton takes
+`selected=`; flex, naive and lean share `routing.select_blocks`), and the triton gate is tested on
+its own: its choice must be optimal up to rounding, and agree with select_blocks away from ties.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moba_train.ops import moba_attn_varlen
+from moba_train.ops.moba import build_layout, select_blocks
+from moba_train.ops.moba import triton as triton_backend
+from moba_train.ops.moba.flex import moba_flex
+from moba_train.ops.moba.lean import moba_lean
+from moba_train.ops.moba.naive import moba_naive
+from tests.ops.test_moba import Pack
+
+pytestmark = pytest.mark.gpu
+
+CASES = {  # (pack, (Hq, Hkv), topk): every pack, GQA group 1-8, topk 1 and beyond the block count
+    "3docs-ragged-bs64-gqa4-top3": (Pack((1000, 3001, 517), 64), (8, 2), 3),
+    "3docs-ragged-bs64-mha-top8": (Pack((1000, 3001, 517), 64), (4, 4), 8),
+    "docs-shorter-than-block-bs128-gqa8-top2": (Pack((100, 37, 900, 5, 2000), 128), (8, 1), 2),
+    "docs-shorter-than-block-bs128-gqa2-top-all": (Pack((100, 37, 900, 5, 2000), 128), (4, 2), 10_000),
+    "one-doc-bs1024-gqa4-top1": (Pack((5000,), 1024), (4, 1), 1),
+    "one-doc-bs1024-gqa2-top4": (Pack((5000,), 1024), (4, 2), 4),
+    "2docs-bs4096-gqa4-top2": (Pack((9000, 4100), 4096), (4, 1), 2),
+    "2docs-bs4096-mha-top-all": (Pack((9000, 4100), 4096), (2, 2), 10_000),
+    "bs80-not-pow2-gqa3-top3": (Pack((1500, 701), 80), (6, 2), 3),
+    "bs16-many-blocks-gqa8-top9": (Pack((2000, 333), 16), (8, 1), 9),
+}
+HEAD_DIM = 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _inputs(pack: Pack, heads, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T, (hq, hkv) = pack.tokens, heads
+    q = torch.randn(T, hq, HEAD_DIM, device="cuda", generator=g)
+    k = torch.randn(T, hkv, HEAD_DIM, device="cuda", generator=g)
+    v = torch.randn(T, hkv, HEAD_DIM, device="cuda", generator=g)
+    dout = torch.randn(T, hq, HEAD_DIM, device="cuda", generator=g).to(dtype)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], dout
+
+
+def _poison_allocator():
+    """Fill the caching allocator's free memory with NaN, so an output element that a kernel forgets
+    to write reads as NaN (torch.empty hands the same memory back)."""
+    torch.cuda.synchronize()
+    small = [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]      # small pool
+    large = [torch.full((1 << 26,), float("nan"), device="cuda") for _ in range(4)]      # large pool, 1 GiB
+    del small, large
+
+
+def _run(fn, q, k, v, dout):
+    _poison_allocator()
+    out = fn(q, k, v)
+    return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _assert_matches(got, want, dtype):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite values (an unwritten or poisoned element)"
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            # bf16: P is rounded to bf16 before the PV product (as in FlashAttention): relative error ~1e-3.
+            assert _rel_err(a, b) < 1e-2, f"{name}: relative error {_rel_err(a, b):.2e}"
+
+
+def _backend_fn(name, pack, topk, selected=None):
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
+
+    def fn(q, k, v):
+        scale = q.shape[-1] ** -0.5
+        if name == "triton":
+            sel = selected if selected is not None else select_blocks(q, k, layout, topk)
+            return triton_backend.moba_triton(q, k, v, layout, topk=topk, softmax_scale=scale, selected=sel)
+        impl = {"flex": moba_flex, "lean": moba_lean, "naive": moba_naive}[name]
+        return impl(q, k, v, layout, topk=topk, softmax_scale=scale)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_matches_naive_given_the_same_routing(case, dtype):
+    pack, heads, topk = case
+    (q, k, v), dout = _inputs(pack, heads, dtype)
+    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
+    got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
+    _assert_matches(got, want, dtype)
+
+
+FLEX_CASES = {name: CASES[name] for name in ("3docs-ragged-bs64-gqa4-top3", "2docs-bs4096-gqa4-top2")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", FLEX_CASES.values(), ids=FLEX_CASES.keys())
+def test_flex_matches_naive(case, dtype):
+    pack, heads, topk = case
+    (q, k, v), dout = _inputs(pack, heads, dtype)
+    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
+    got = _run(_backend_fn("flex", pack, topk), q, k, v, dout)
+    _assert_matches(got, want, dtype)
+
+
+def test_triton_matches_lean_beyond_the_oracles_reach():
+    """64K tokens in 3 documents: the dense oracle would need ~16 GiB per head; lean is exact and lean."""
+    pack = Pack((40000, 17000, 8536), 512)
+    (q, k, v), dout = _inputs(pack, (8, 2), torch.bfloat16)
+    want = _run(_backend_fn("lean", pack, 8), q, k, v, dout)
+    got = _run(_backend_fn("triton", pack, 8), q, k, v, dout)
+    _assert_matches(got, want, torch.bfloat16)
+
+
+def test_triton_is_bit_identical_from_run_to_run():
+    pack = Pack((30000, 2768), 128)
+    (q, k, v), dout = _inputs(pack, (8, 2), torch.bfloat16)
+    fn = lambda q, k, v: moba_attn_varlen(q, k, v, pack.cu_seqlens.cuda(), 30000, block_size=128, topk=8,
+                                          backend="triton")
+    first = _run(fn, q, k, v, dout)
+    for _ in range(2):
+        again = _run(fn, q, k, v, dout)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), again, first):
+            assert torch.equal(a, b), f"{name} differs between runs"
+
+
+def test_auto_picks_triton_on_cuda():
+    from moba_train.ops.moba.registry import resolve
+    assert resolve("auto", torch.device("cuda")).name == "triton"
+
+
+ROUTING_CASES = {"bs64-gqa4-top4": (Pack((1000, 3001, 517), 64), (8, 2), 4),
+                 "bs16-top9": (Pack((2000, 333), 16), (4, 4), 9),
+                 "bs1024-top3": (Pack((5000,), 1024), (4, 1), 3)}
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES.values(), ids=ROUTING_CASES.keys())
+def test_triton_gate_picks_the_best_blocks(case):
+    pack, (hq, hkv), topk = case
+    (q, k, _), _ = _inputs(pack, (hq, hkv), torch.bfloat16, seed=1)
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
+    plan = triton_backend.make_plan(q, k, layout, topk, 1.0)
+    got = plan.sel.long()
+    n_sel = got.shape[-1]
+    want = select_blocks(q, k, layout, topk)[..., :n_sel]
+
+    # Exact scores in fp64, every (token, head, block); -inf where the block is no candidate.
+    T, NB = pack.tokens, layout.num_blocks
+    means = torch.zeros(NB, hkv, HEAD_DIM, dtype=torch.float64, device="cuda")
+    means.index_add_(0, layout.token_block, k.detach().double())
+    means /= layout.block_len[:, None, None].double()
+    scores = torch.einsum("thd,nhd->thn", q.detach().double(), means.repeat_interleave(hq // hkv, dim=1))
+    blocks = torch.arange(NB, device="cuda")
+    cand = (blocks[None, :] >= layout.token_doc_first_block[:, None]) & (blocks[None, :] < layout.token_block[:, None])
+    scores = scores.masked_fill(~cand[:, None, :], -math.inf)
+
+    n_cand = cand.sum(1)
+    filled = (got >= 0).sum(-1)
+    assert torch.equal(filled, torch.clamp(n_cand, max=n_sel)[:, None].expand_as(filled)), "wrong number of blocks"
+    assert ((got >= 0).long().diff(dim=-1) <= 0).all(), "-1 must only pad the tail"
+    padded = torch.where(got >= 0, got, NB)                                                # -1 -> a spare column
+    chosen = torch.zeros(T, hq, NB + 1, dtype=torch.bool, device="cuda").scatter_(-1, padded, True)[..., :NB]
+    assert (chosen <= cand[:, None, :]).all(), "chose a block outside the query's earlier blocks"
+    worst_chosen = scores.masked_fill(~chosen, math.inf).amin(-1)
+    best_left = scores.masked_fill(chosen | ~cand[:, None, :], -math.inf).amax(-1)
+    tol = 1e-4 * scores.masked_fill(~cand[:, None, :], 0).abs().amax()
+    assert (worst_chosen >= best_left - tol).all(), "an unchosen block scores clearly higher than a chosen one"
+    same = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean().item()
+    assert same > 0.99, f"only {same:.4f} of the (token, head) selections agree with select_blocks"
+
+
+def test_triton_gate_never_stores_a_score_tensor():
+    """256K tokens, 8 heads, 4096 blocks: a [heads, tokens, blocks] fp32 tensor would take 32 GiB."""
+    T, hq, hkv, bs = 1 << 18, 8, 2, 64
+    q = torch.randn(T, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(T, hkv, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    layout = build_layout([0, T], bs, torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    plan = triton_backend.make_plan(q, k, layout, 8, 1.0)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    selection_bytes = plan.sel.numel() * 4          # 56 MiB; the grouping sorts int64 keys of the same count
+    assert extra < 16 * selection_bytes, f"routing and grouping peaked at {extra / 2**20:.0f} MiB"
+
+
+def test_triton_with_its_own_gate_matches_naive_on_separated_gates():
+    """End to end through moba_attn_varlen; well-separated block scores, so both gates agree exactly."""
+    from tests.ops.test_moba import make_inputs
+    pack = Pack((37, 113, 150, 700), 16)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_inputs(pack, 8, 2, separated=True))
+    dout = torch.randn_like(q)
+    cu = pack.cu_seqlens.cuda()
+    got = _run(lambda q, k, v: moba_attn_varlen(q, k, v, cu, 700, block_size=16, topk=4, backend="triton"), q, k, v, dout)
+    want = _run(lambda q, k, v: moba_attn_varlen(q, k, v, cu, 700, block_size=16, topk=4, backend="naive"), q, k, v, dout)
+    _assert_matches(got, want, torch.float32)

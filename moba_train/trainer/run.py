@@ -1,9 +1,11 @@
-"""The staged training job: load, then for each stage set RoPE, attention plan and data, and train.
+"""The staged training job: load, then for each stage set RoPE, attention plan, parallelism and data, and train.
 
 What a stage inherits from the one before (logged at every transition):
   always       weights, global step, RNG streams
-  by default   Adam moments (carry_over.optimizer_state: true)
-  restarts     the LR schedule (carry_over.lr_schedule: false) and the data position (carry_over.data_position: false)
+  by default   Adam moments                      (carry_over.optimizer_state: true)
+  restarts     the LR schedule with its warmup   (carry_over.lr_schedule: true skips the warmup)
+               the data position                 (carry_over.data_position: true continues the previous
+                                                  stage's stream; the data configs must then match)
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,20 +20,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moba_train.distributed.groups import layout
+from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
+from moba_train.eval.position_loss import evaluate_position_loss
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
+from moba_train.tracking import Tracker
 
 from . import checkpoint
 from .config import RunConfig, StageConfig, stage_attention, stage_sequence_parallel
-from .engine import build_engine, init_distributed, on_gpu, set_lr, set_stage_batch
+from .engine import build_engine, init_distributed, set_lr, set_stage_batch
 from .failures import StopRequest, explain_oom, is_oom
 from .lm import PackedCausalLM
 from .model_setup import load_for_training
 from .progress import StageProgress, StageSummary, format_table
 from .schedule import lr_at
-from .stage_data import StageStream, build_stream, stage_steps
+from .stage_data import build_stream, stage_steps
 from .step import train_step
-from moba_train.eval.position_loss import evaluate_position_loss
-from moba_train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -45,64 +48,82 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+@dataclass
+class Job:
+    """What every stage of one run works with."""
+
+    cfg: RunConfig
+    engine: object
+    lm: torch.nn.Module
+    tokenizer: object
+    plans: list[AttentionPlan]
+    state: checkpoint.TrainState
+    tracker: Tracker
+    stop: StopRequest
+    ckpt_root: Path
+    rank: int
+    world: int
 
 
 def train(cfg: RunConfig) -> RunResult:
     init_distributed(cfg.trainer.dist_timeout_s)
-    rank, world = _world()
+    rank = dist.get_rank()
+    world = dist.get_world_size()
     output_dir = Path(cfg.paths.output_dir).expanduser()
     ckpt_root = output_dir / "checkpoints"
     torch.manual_seed(cfg.trainer.seed)
+    for i, stage in enumerate(cfg.stages):
+        layout(stage_sequence_parallel(cfg, stage))          # sp divides the number of processes
 
-    # Everything that can be checked without weights is checked before they load.
     resume_from = _resume_source(cfg, ckpt_root)
     state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainState()
-    if state.stage_index >= len(cfg.stages):
-        log.info("checkpoint %s is past the last stage: nothing left to train", resume_from)
 
     loaded = load_for_training(cfg)
-    lm, tokenizer = loaded.model, loaded.tokenizer
+    lm = loaded.model
     num_layers = lm.config.num_hidden_layers
     plans = [AttentionPlan.from_config(stage_attention(cfg, s), num_layers) for s in cfg.stages]
-    sp = stage_sequence_parallel(cfg, cfg.stages[min(state.stage_index, len(cfg.stages) - 1)])
-    if sp != 1:
-        raise NotImplementedError("sequence_parallel > 1 needs moba_train.distributed (not wired into the trainer yet)")
-    dp = world // sp
+    heads = lm.config.num_attention_heads
+    kv_heads = getattr(lm.config, "num_key_value_heads", None) or heads
+    for i, stage in enumerate(cfg.stages):
+        try:
+            kv_replication(stage_sequence_parallel(cfg, stage), heads, kv_heads)
+        except ValueError as e:
+            raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
 
-    first = cfg.stages[min(state.stage_index, len(cfg.stages) - 1)]
-    attach_plan(lm, plans[min(state.stage_index, len(cfg.stages) - 1)])
-    universal = bool(resume_from) and state.world.get("dp", dp) != dp
+    current = min(state.stage_index, len(cfg.stages) - 1)
+    attach_plan(lm, plans[current])
+    universal = bool(resume_from) and state.world.get("world", world) != world
     if universal:
         checkpoint.convert_to_universal(resume_from)
-    engine = build_engine(PackedCausalLM(lm, cfg.trainer.loss_chunk_tokens), cfg, first, load_universal=universal)
+    engine = build_engine(PackedCausalLM(lm, cfg.trainer.loss_chunk_tokens), cfg, cfg.stages[current],
+                          load_universal=universal)
     if resume_from:
         checkpoint.load(engine, resume_from, universal)
-        log.info("resumed from %s (stage %d, step %d, global step %d)", resume_from, state.stage_index,
-                 state.stage_step, state.global_step)
+        if rank == 0:
+            print(f"resumed from {resume_from}: stage {state.stage_index}, stage step {state.stage_step}, "
+                  f"global step {state.global_step}", flush=True)
 
     tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id)
     state.wandb_run_id = tracker.run_id
+    job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, StopRequest.install(), ckpt_root, rank, world)
     result = RunResult(checkpoint_dir=ckpt_root)
-    stop = StopRequest.install()
     try:
         while state.stage_index < len(cfg.stages):
-            i = state.stage_index
-            summary = _run_stage(cfg, i, engine, lm, tokenizer, plans[i], state, tracker, stop, ckpt_root, dp, rank)
+            summary = _run_stage(job, state.stage_index)
             result.summaries.append(summary)
             if rank == 0:
                 print(f"\nstage {summary.name} done\n{format_table([summary])}\n", flush=True)
         if rank == 0 and result.summaries:
             print(f"run {cfg.run_name} finished\n{format_table(result.summaries)}", flush=True)
-        if cfg.trainer.export and state.stage_index >= len(cfg.stages):
-            result.export_dir = _export(engine, lm, tokenizer, plans[-1], output_dir / "hf_model", rank)
+        if cfg.trainer.export:
+            result.export_dir = _export(job, output_dir / "hf_model")
     except Exception as e:
         if is_oom(e):
-            raise RuntimeError(explain_oom(cfg, cfg.stages[min(state.stage_index, len(cfg.stages) - 1)])) from e
+            stage = cfg.stages[min(state.stage_index, len(cfg.stages) - 1)]
+            raise RuntimeError(explain_oom(cfg, stage)) from e
         raise
     finally:
-        stop.uninstall()
+        job.stop.uninstall()
         tracker.finish()
     result.losses = tracker.losses
     return result
@@ -121,115 +142,133 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     return path
 
 
-def _transition_message(stage: StageConfig, index: int, plan: AttentionPlan) -> str:
+def _transition_message(stage: StageConfig, index: int, plan: AttentionPlan, sp: int) -> str:
     co = stage.carry_over
-    kept = ["weights", "global step", "RNG"] + (["Adam moments"] if co.optimizer_state or index == 0 else [])
-    restarted = (["LR schedule (no warmup)"] if co.lr_schedule else ["LR schedule"]) + ([] if co.data_position else ["data position"])
-    if index and not co.optimizer_state:
-        restarted.append("Adam moments")
-    return (f"stage {index} '{stage.name}': {stage.mode}, seq_len {stage.seq_len}, mb {stage.micro_batch_size} x "
-            f"accum {stage.grad_accum}, rope {stage.rope.theta or 'unchanged'}"
-            f"{' ' + str(stage.rope.scaling) if stage.rope.scaling else ''}, attention {plan.describe()}; "
-            f"carried over: {', '.join(kept)}; restarted: {', '.join(restarted) or 'nothing'}")
+    kept = ["weights", "global step", "RNG"]
+    restarted = []
+    if index:
+        (kept if co.optimizer_state else restarted).append("Adam moments")
+        (kept if co.data_position else restarted).append("data position")
+        restarted.append("LR schedule" + (" (no warmup)" if co.lr_schedule else ""))
+    return (f"stage {index} '{stage.name}': {stage.mode}, seq_len {stage.seq_len}, micro-batch "
+            f"{stage.micro_batch_size} x accum {stage.grad_accum}, sequence parallel {sp}, rope "
+            f"{stage.rope.theta or 'unchanged'}{' ' + str(stage.rope.scaling) if stage.rope.scaling else ''}, "
+            f"attention {plan.describe()}; carried over: {', '.join(kept)}"
+            + (f"; restarted: {', '.join(restarted)}" if restarted else ""))
 
 
-def _run_stage(cfg, index, engine, lm, tokenizer, plan, state, tracker, stop, ckpt_root, dp, rank) -> StageSummary:
-    stage = cfg.stages[index]
+def _run_stage(job: Job, index: int) -> StageSummary:
+    cfg, engine, state = job.cfg, job.engine, job.state
+    stage, plan = cfg.stages[index], job.plans[index]
+    sp = stage_sequence_parallel(cfg, stage)
+    lay = layout(sp)
     fresh = state.stage_step == 0
+
     if stage.rope.theta is not None or stage.rope.scaling is not None:
-        set_rope(lm, theta=stage.rope.theta, scaling=stage.rope.scaling)
-    attach_plan(lm, plan)
-    set_stage_batch(engine, stage, dp)
+        set_rope(job.lm, theta=stage.rope.theta, scaling=stage.rope.scaling)
+    attach_plan(job.lm, plan)
+    apply_sequence_parallel(job.lm, sp)
+    set_stage_batch(engine, stage, lay.world)
     if fresh and index > 0 and not stage.carry_over.optimizer_state:
         _reset_optimizer_state(engine)
-    total = stage_steps(stage, dp)
+    total = stage_steps(stage, lay.dp)
     if cfg.debug.max_steps_per_stage:
         total = min(total, cfg.debug.max_steps_per_stage)
-    stream: StageStream = build_stream(cfg, stage, index, tokenizer, rank=rank // 1, dp_size=dp,
-                                       data_state=None if fresh else state.data_state)
-    if rank == 0:
-        print(_transition_message(stage, index, plan), flush=True)
-    tracker.stage_started(index, stage, plan)
+    carried = fresh and index > 0 and stage.carry_over.data_position
+    stream = build_stream(cfg, index, job.tokenizer, lay.dp_rank, lay.dp,
+                          resume_state=None if fresh else state.data_state,
+                          previous_stage_state=state.data_state if carried else None)
+    if job.rank == 0:
+        print(_transition_message(stage, index, plan, sp), flush=True)
+        print(stream.report(), flush=True)
+    job.tracker.stage_started(index, stage, plan)
 
     summary = StageSummary(stage.name, stage.seq_len, stage.mode, plan=plan.describe())
-    progress = StageProgress(stage.name, total, state.stage_step, enabled=rank == 0)
-    started = time.perf_counter()
-    # carry_over.lr_schedule: the model is warm already, so the stage skips its warmup
+    progress = StageProgress(stage.name, total, state.stage_step, enabled=job.rank == 0)
     lr_cfg = dataclasses.replace(stage.lr, warmup=0.0) if stage.carry_over.lr_schedule and index else stage.lr
+    bad_in_a_row = 0
+    started = time.perf_counter()
     while state.stage_step < total:
         changed = plan.set_progress(state.stage_step / total)
         lr = lr_at(state.stage_step, total, lr_cfg)
         set_lr(engine, lr)
-        batches = [stream.next_batch() for _ in range(stage.grad_accum)]
-        step = train_step(engine, batches, grad_divisor=engine.dp_world_size)
+        batches = [shard_batch(next(stream), lay.sp_rank, sp) for _ in range(stage.grad_accum)]
+        step = train_step(engine, batches, grad_divisor=lay.world)
         state.stage_step += 1
         state.global_step += 1
         state.tokens_seen += step.tokens
-        state.plan_progress = plan.progress
         state.data_state = stream.state_dict()
         if step.skipped:
             state.bad_steps_total += 1
             summary.skipped_steps += 1
-            tracker.bad_steps_in_a_row += 1
-            if tracker.bad_steps_in_a_row >= cfg.trainer.max_bad_steps:
-                raise RuntimeError(f"{tracker.bad_steps_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, "
-                                   f"global step {state.global_step}); lower the learning rate (stages[{index}].lr.peak), "
-                                   f"check the data, or raise trainer.max_bad_steps")
+            bad_in_a_row += 1
+            if bad_in_a_row >= cfg.trainer.max_bad_steps:
+                raise RuntimeError(f"{bad_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, global step "
+                                   f"{state.global_step}); lower stages[{index}].lr.peak, check the data, or raise "
+                                   f"trainer.max_bad_steps")
         else:
-            tracker.bad_steps_in_a_row = 0
+            bad_in_a_row = 0
             summary.first_loss = step.loss if summary.first_loss is None else summary.first_loss
             summary.last_loss = step.loss
         summary.steps += 1
         summary.tokens += step.tokens
-        tracker.log_step(state.global_step, index, stage, step, lr, plan)
+        job.tracker.log_step(state.global_step, index, stage, step, lr, plan)
         progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
 
-        stage_done = state.stage_step >= total
+        stop_now = job.stop.requested()
         periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
-        stop_now = stop.requested()
-        if periodic and not stage_done or stop_now:
-            state.world = {"dp": dp, "sp": 1}
-            checkpoint.save(engine, ckpt_root, state, cfg.trainer.keep_checkpoints)
+        if stop_now or (periodic and state.stage_step < total):
+            _save(job, sp)
         if stop_now:
             progress.close()
             raise SystemExit(f"stopped by signal after global step {state.global_step}; checkpoint written to "
-                             f"{ckpt_root}; run again to resume")
+                             f"{job.ckpt_root}; run the same command again to resume")
         if cfg.debug.crash_after_step is not None and state.global_step >= cfg.debug.crash_after_step:
-            os._exit(17)   # tests: die like a killed process, without cleanup
+            os._exit(17)   # tests: die like a killed process, without any cleanup
     progress.close()
     summary.seconds = time.perf_counter() - started
 
     if stage.eval and cfg.trainer.eval_batches > 0:
-        ev = evaluate_position_loss(engine.module, stream.validation_batches(cfg.trainer.eval_batches), stage.seq_len)
+        batches = stream.validation_batches(max_packs=cfg.trainer.eval_batches * stage.micro_batch_size * lay.dp)
+        ev = evaluate_position_loss(engine.module, [shard_batch(b, lay.sp_rank, sp) for b in batches], stage.seq_len)
         summary.val_loss, summary.tail_loss = ev.mean_loss, ev.tail_loss
-        tracker.log_eval(state.global_step, index, stage, ev)
+        job.tracker.log_eval(state.global_step, index, stage, ev)
+    log.info("%s", stream.report())
 
     # The stage-end checkpoint points at the start of the next stage.
     state.stage_index += 1
     state.stage_step = 0
-    state.data_state = {}
-    state.world = {"dp": dp, "sp": 1}
-    checkpoint.save(engine, ckpt_root, state, cfg.trainer.keep_checkpoints)
-    tracker.stage_finished(index, summary)
+    following = cfg.stages[state.stage_index] if state.stage_index < len(cfg.stages) else None
+    if following is None or not following.carry_over.data_position:
+        state.data_state = {}
+    _save(job, sp)
+    job.tracker.stage_finished(index, summary)
     return summary
 
 
+def _save(job: Job, sp: int) -> None:
+    job.state.world = {"world": job.world, "sp": sp}
+    checkpoint.save(job.engine, job.ckpt_root, job.state, job.cfg.trainer.keep_checkpoints)
+
+
 def _reset_optimizer_state(engine) -> None:
-    """Forget Adam moments (carry_over.optimizer_state: false): the base optimizer restarts lazily."""
+    """Forget Adam moments (carry_over.optimizer_state: false): the base optimizer restarts them lazily."""
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     base.state.clear()
 
 
-def _export(engine, lm, tokenizer, plan, target: Path, rank: int) -> Path:
-    if engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()   # gathers the partitions (all ranks)
-        if rank == 0:
-            prefix = "lm."
-            lm_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            export_model(lm, tokenizer, target, plan, state_dict=lm_state)
-    elif rank == 0:
-        export_model(lm, tokenizer, target, plan)
-    if dist.is_initialized():
-        dist.barrier()
+def _export(job: Job, target: Path) -> Path:
+    """The final model in Hugging Face format (rank 0 writes; ZeRO-3 partitions are gathered first)."""
+    plan = job.plans[-1]
+    if job.engine.zero_optimization_stage() == 3:
+        full = job.engine._zero3_consolidated_16bit_state_dict()   # collective: every rank takes part
+        if job.rank == 0:
+            lm_state = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
+            export_model(job.lm, job.tokenizer, target, plan, state_dict=lm_state, overwrite=True)
+    elif job.rank == 0:
+        export_model(job.lm, job.tokenizer, target, plan, overwrite=True)
+    dist.barrier()
+    if job.rank == 0:
+        print(f"Hugging Face model written to {target}", flush=True)
     return target

@@ -8,7 +8,9 @@ full or MoBA attention on varlen tensors:
   else from `position_ids` (a document starts at each row and wherever positions do not go on by +1);
 * rows of a batch are flattened (a document never spans two rows); left/right padding given by a
   2-D attention mask is dropped before attention and its outputs are 0;
-* with a KV cache (fewer queries than keys, i.e. `generate()`), `attend_cached` runs instead.
+* with a KV cache (fewer queries than keys, i.e. `generate()`), `attend_cached` runs instead; MoBA
+  layers that decode sparsely take the cache's block means from `decode_cache`, whose forward
+  pre-hook `attach_plan` adds to each attention module.
 
 `attend_varlen` is the core on [T, H, D] tensors, kept separate so that sequence parallelism can wrap it.
 """
@@ -25,7 +27,8 @@ from transformers.masking_utils import flash_attention_mask
 
 from ..ops import moba_attn_varlen
 from ..ops.full_attn import full_attn_varlen
-from .cached_attention import attend_cached
+from .cached_attention import attend_cached, cached_kind
+from .decode_cache import cache_block_means, track_kv_caches
 from .plan import AttentionPlan, LayerAttention
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,8 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
         if window is not None and K > window:
             raise ValueError(f"the cache holds {K} tokens, more than sliding_window={window}, which moba-train does not "
                              f"implement; set config.sliding_window = None")
-        return attend_cached(query, key, value, padding, layer, scaling), None
+        block_means = cache_block_means(module, K - S, layer.block_size) if cached_kind(layer) == "moba" else None
+        return attend_cached(query, key, value, padding, layer, scaling, block_means), None
 
     sequence_parallel = getattr(module, "sequence_parallel", None)
     if sequence_parallel is not None:
@@ -198,6 +202,7 @@ def attach_plan(model: torch.nn.Module, plan: AttentionPlan) -> torch.nn.Module:
             m.config = own
     for m in modules:
         m.attention_plan = plan
+        track_kv_caches(m)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     log.info("attention plan attached to %s: %s", type(model).__name__, plan.describe())
     return model

@@ -1,10 +1,13 @@
-"""Attention over a KV cache (generation: fewer queries than keys), for full and MoBA layers.
+"""Attention over a KV cache (generation: fewer queries than keys), dense or sparse MoBA.
 
 The S queries are the last S cache slots, so causality is bottom-right. Each batch row holds one
-sequence, possibly left-padded (`key_valid` False on padding). MoBA layers keep MoBA's rule while
-decoding: a query attends its own block causally plus the topk - 1 earlier blocks whose mean key
-scores highest, with blocks counted from the row's first real token, exactly as in training.
-The mask is dense [B, Hq, S, K], fine for decoding (S small) but not meant for long prefills.
+sequence, possibly left-padded (`key_valid` False on padding). How a layer decodes
+(`cached_kind`): full layers, and MoBA layers whose plan says `decode: full` (the paper's setting),
+attend densely; MoBA layers with `decode: moba` keep MoBA's rule: a query attends its own block
+causally plus the topk - 1 earlier blocks whose mean key scores highest, blocks counted from the
+row's first real token, exactly as the operator does over the whole sequence. The sparse path
+scores the block means kept in a `BlockMeans` (updated as blocks complete) and gathers only the
+chosen blocks' keys and values.
 """
 
 from __future__ import annotations
@@ -14,61 +17,109 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..ops.moba.layout import compute_dtype
+from .decode_cache import BlockMeans
 from .plan import LayerAttention
 
-
-def _moba_restrict(allowed: torch.Tensor, query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor,
-                   layer: LayerAttention) -> torch.Tensor:
-    """Narrow a causal mask [B, 1, S, K] to MoBA's chosen blocks: [B, Hq, S, K]."""
-    B, Hq, S, D = query.shape
-    Hkv, K = key.shape[1], key.shape[2]
-    bs = layer.block_size
-    position = key_valid.long().cumsum(-1) - 1                            # within the row's sequence
-    block = torch.where(key_valid, position // bs, -1)                    # [B, K], -1 on padding
-    n_blocks = int(block.max()) + 1
-    # Mean key of each block (padding goes to a spare slot n_blocks), in fp32 as in training's gate.
-    slot = torch.where(key_valid, block, n_blocks)
-    sums = torch.zeros(B, Hkv, n_blocks + 1, D, dtype=torch.float32, device=key.device)
-    sums.scatter_add_(2, slot[:, None, :, None].expand(B, Hkv, K, D), key.detach().float())
-    counts = torch.zeros(B, n_blocks + 1, dtype=torch.float32, device=key.device)
-    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))
-    means = sums[:, :, :n_blocks] / counts[:, None, :n_blocks, None].clamp_min(1)
-
-    group = Hq // Hkv
-    q = query.detach().float().reshape(B, Hkv, group, S, D)
-    scores = torch.einsum("bhgsd,bhnd->bhgsn", q, means).reshape(B, Hq, S, n_blocks)
-    own = block[:, K - S:]                                                # [B, S] block of each query
-    earlier = torch.arange(n_blocks, device=key.device)[None, None, :] < own[:, :, None]
-    scores = scores.masked_fill(~earlier[:, None], float("-inf"))
-    chosen = torch.zeros(B, Hq, S, n_blocks + 1, dtype=torch.bool, device=key.device)
-    extra = min(layer.topk - 1, n_blocks)
-    if extra > 0:
-        vals, idx = scores.topk(extra, dim=-1)
-        chosen.scatter_(-1, torch.where(torch.isfinite(vals), idx, n_blocks), True)
-    key_chosen = chosen.gather(-1, slot[:, None, None, :].expand(B, Hq, S, K))
-    same_block = (block[:, None, :] == own[:, :, None])[:, None]         # [B, 1, S, K]
-    return allowed & (same_block | key_chosen)
+# Keys gathered for a chunk of queries of the sparse path: at most this many elements.
+GATHER_ELEMENTS = 1 << 24
 
 
-# How each mode narrows the causal mask.
-CACHED_MASKS: dict[str, Callable] = {
-    "full": lambda allowed, query, key, key_valid, layer: allowed,
-    "moba": _moba_restrict,
-}
-
-
-def attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None,
-                  layer: LayerAttention, softmax_scale: float | None) -> torch.Tensor:
-    """query [B, Hq, S, D], key/value [B, Hkv, K, D] with K >= S; key_valid [B, K] or None. Returns [B, S, Hq, D]."""
+def _attend_dense(query, key, value, key_valid, layer, softmax_scale, block_means=None) -> torch.Tensor:
     B, _, S, _ = query.shape
     K = key.shape[2]
+    if key_valid is None and S == 1:
+        # The one query is the last slot and sees every key: no mask, so SDPA may pick its fastest kernel.
+        out = F.scaled_dot_product_attention(query, key, value, scale=softmax_scale, enable_gqa=True)
+        return out.transpose(1, 2)
     if key_valid is None:
         key_valid = torch.ones(B, K, dtype=torch.bool, device=key.device)
     query_slot = torch.arange(K - S, K, device=key.device)
     causal = torch.arange(K, device=key.device)[None, :] <= query_slot[:, None]          # [S, K]
     allowed = causal[None, None] & key_valid[:, None, None, :]
-    allowed = CACHED_MASKS[layer.mode](allowed, query, key, key_valid, layer)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=softmax_scale, enable_gqa=True)
     # Padding queries see no key at all; make their (unused) output 0 on every device.
     out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return out.transpose(1, 2)
+
+
+def _attend_moba_chunk(q, key, value, first_slot: int, means: BlockMeans, n_extra: int, block_size: int,
+                       scale: float) -> torch.Tensor:
+    """Queries q [B, Hq, C, D] at cache slots first_slot.. -> [B, C, Hq, D]."""
+    B, Hq, C, D = q.shape
+    Hkv = key.shape[1]
+    group = Hq // Hkv
+    device = key.device
+    cdt = compute_dtype(q.dtype)
+    slot = torch.arange(first_slot, first_slot + C, device=device)                        # [C]
+    position = slot[None, :] - means.pad_slots[:, None]                                   # [B, C]; < 0: padding
+    own = position.clamp_min(0) // block_size                                             # [B, C]
+    blocks = own[:, None, None, :, None].expand(B, Hkv, group, C, 1)
+    if n_extra > 0:
+        # MoBA's gate in fp32 (as the operator's): q . block mean over the complete blocks before the query's own.
+        n = means.max_complete
+        q_gate = q.detach().float().reshape(B, Hkv, group, C, D)
+        scores = torch.einsum("bhgcd,bhnd->bhgcn", q_gate, means.means[:, :, :n])
+        later = torch.arange(n, device=device)[None, None, :] >= own[:, :, None]          # [B, C, n]
+        scores.masked_fill_(later[:, None, None], float("-inf"))
+        top, idx = scores.topk(n_extra, dim=-1)
+        blocks = torch.cat([torch.where(torch.isfinite(top), idx, -1), blocks], dim=-1)  # [B, Hkv, g, C, E+1]
+
+    offsets = torch.arange(block_size, device=device)
+    key_slot = (means.pad_slots[:, None, None, None, None, None] + blocks[..., None] * block_size + offsets)
+    valid = ((blocks[..., None] >= 0) & (key_slot <= slot[None, None, None, :, None, None])
+             & (position >= 0)[:, None, None, :, None, None])                             # [B, Hkv, g, C, E+1, bs]
+    width = blocks.shape[-1] * block_size
+    index = key_slot.masked_fill(~valid, 0).reshape(B, Hkv, group * C * width, 1).expand(-1, -1, -1, D)
+    k_sel = key.gather(2, index).view(B, Hkv, group, C, width, D)
+    v_sel = value.gather(2, index).view(B, Hkv, group, C, width, D)
+    valid = valid.view(B, Hkv, group, C, width)
+
+    q_att = q.to(cdt).reshape(B, Hkv, group, C, D)
+    logits = torch.einsum("bhgcd,bhgcwd->bhgcw", q_att, k_sel.to(cdt)) * scale
+    probs = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    probs = probs.masked_fill(~valid.any(-1, keepdim=True), 0.0)                          # padding queries -> 0
+    out = torch.einsum("bhgcw,bhgcwd->bhgcd", probs, v_sel.to(cdt))
+    return out.reshape(B, Hq, C, D).transpose(1, 2).to(q.dtype)
+
+
+def _attend_moba(query, key, value, key_valid, layer, softmax_scale, block_means: BlockMeans | None) -> torch.Tensor:
+    if block_means is None:
+        raise ValueError("sparse MoBA decoding needs the cache's BlockMeans (moba_train.models.decode_cache)")
+    if block_means.block_size != layer.block_size:
+        raise ValueError(f"block means of block size {block_means.block_size} given to a layer with block size "
+                         f"{layer.block_size}")
+    block_means.update(key, key_valid)
+    B, Hq, S, D = query.shape
+    K = key.shape[2]
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    n_extra = min(layer.topk - 1, block_means.max_complete)
+    width = (n_extra + 1) * layer.block_size
+    chunk = max(1, GATHER_ELEMENTS // (B * Hq * width * D))
+    outs = [_attend_moba_chunk(query[:, :, s:s + chunk], key, value, K - S + s, block_means, n_extra,
+                               layer.block_size, scale)
+            for s in range(0, S, chunk)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+# How a layer attends over a KV cache, by `cached_kind`.
+CACHED_ATTENTION: dict[str, Callable] = {"full": _attend_dense, "moba": _attend_moba}
+
+
+def cached_kind(layer: LayerAttention) -> str:
+    """'moba' for MoBA layers that decode sparsely, else 'full'."""
+    return layer.decode if layer.mode == "moba" else "full"
+
+
+def attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None,
+                  layer: LayerAttention, softmax_scale: float | None,
+                  block_means: BlockMeans | None = None) -> torch.Tensor:
+    """query [B, Hq, S, D], key/value [B, Hkv, K, D] with K >= S; key_valid [B, K] or None. Returns [B, S, Hq, D].
+
+    `block_means` (the cache's, see `decode_cache.cache_block_means`) is needed when
+    `cached_kind(layer) == "moba"`; it is brought up to date with the cache here.
+    """
+    return CACHED_ATTENTION[cached_kind(layer)](query, key, value, key_valid, layer, softmax_scale, block_means)
+
+
+__all__ = ["CACHED_ATTENTION", "attend_cached", "cached_kind"]

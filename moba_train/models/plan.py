@@ -4,12 +4,14 @@ The trainer owns one plan per model and moves it along with `set_progress(p)` (p
 stage's tokens seen, 0..1); each attention layer asks `plan.at(layer_idx)`. Config (a plain mapping,
 as written in a Hydra YAML):
 
-    {"block_size": 512, "topk": 3, "backend": "auto", "moba_layers": "all"}
+    {"block_size": 512, "topk": 3, "backend": "auto", "decode": "moba", "moba_layers": "all"}
     {"block_size": 512, "topk": 3,
      "phases": [{"until": 0.9, "moba_layers": "all"}, {"until": 1.0, "moba_layers": "none"}]}
 
 `moba_layers` is "all", "none", {"all_but_last": N} or a list of layer indices (negative ones count
 from the end). A phase applies while progress < its `until`; the last phase also covers progress 1.0.
+`decode` says how MoBA layers attend while decoding over a KV cache: "moba" (sparse, the same rule
+as prefill and training) or "full" (dense, the paper's setting). Prefill always follows `mode`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from ..ops.moba import BACKENDS as MOBA_BACKENDS
 
 log = logging.getLogger(__name__)
 
+# How MoBA layers decode over a KV cache (moba_train.models.cached_attention.CACHED_ATTENTION):
+# "moba" keeps MoBA's block rule, so cached decoding equals recomputing the sequence; "full" is dense.
+DECODE_MODES = ("moba", "full")
+
 
 @dataclass
 class PhaseConfig:
@@ -42,21 +48,27 @@ class AttentionPlanConfig:
     topk: int = 3
     backend: str = "auto"          # MoBA backend (moba_train.ops.moba.BACKENDS)
     full_backend: str = "auto"     # full-attention backend (moba_train.ops.full_attn.FULL_ATTN_BACKENDS)
+    decode: str = "moba"           # MoBA layers over a KV cache: moba (sparse) | full (dense, the paper's)
     moba_layers: Any = None
     phases: list[PhaseConfig] | None = None
 
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """What one layer runs: `backend` names the backend of `mode`'s operator."""
+    """What one layer runs: `backend` names the backend of `mode`'s operator; `decode` how a MoBA layer
+    attends over a KV cache (full layers always decode densely)."""
 
     mode: str
     block_size: int
     topk: int
     backend: str
+    decode: str = "moba"
 
     def describe(self) -> str:
-        return f"moba(b{self.block_size},k{self.topk})" if self.mode == "moba" else "full"
+        if self.mode != "moba":
+            return "full"
+        dense_decode = ",decode=full" if self.decode == "full" else ""
+        return f"moba(b{self.block_size},k{self.topk}{dense_decode})"
 
 
 def _plain(obj: Any) -> Any:
@@ -139,6 +151,9 @@ def validate_config(cfg: Mapping, num_layers: int) -> tuple[dict, list[tuple[flo
         names = ["auto", *sorted(registry)]
         if full[key] not in names:
             raise ValueError(f"attention plan: {key} must be one of {names}, got {full[key]!r}")
+    if full["decode"] not in DECODE_MODES:
+        raise ValueError(f"attention plan: decode must be one of {list(DECODE_MODES)} (how MoBA layers attend "
+                         f"while generating over a KV cache), got {full['decode']!r}")
     if (full["moba_layers"] is None) == (full["phases"] is None):
         raise ValueError("attention plan: give exactly one of `moba_layers` (one setting for the whole stage) or "
                          "`phases` (a schedule over stage progress)")
@@ -202,8 +217,8 @@ class AttentionPlan:
     def _resolve(self, p: float) -> tuple[LayerAttention, ...]:
         moba = self._phase(p)
         c = self.config
-        return tuple(LayerAttention("moba", c["block_size"], c["topk"], c["backend"]) if i in moba
-                     else LayerAttention("full", c["block_size"], c["topk"], c["full_backend"])
+        return tuple(LayerAttention("moba", c["block_size"], c["topk"], c["backend"], c["decode"]) if i in moba
+                     else LayerAttention("full", c["block_size"], c["topk"], c["full_backend"], c["decode"])
                      for i in range(self.num_layers))
 
     def set_progress(self, p: float) -> bool:
@@ -245,4 +260,4 @@ class AttentionPlan:
         return f"AttentionPlan(progress={self._progress:.4f}: {self.describe()})"
 
 
-__all__ = ["AttentionPlan", "AttentionPlanConfig", "PhaseConfig", "LayerAttention", "validate_config"]
+__all__ = ["AttentionPlan", "AttentionPlanConfig", "DECODE_MODES", "PhaseConfig", "LayerAttention", "validate_config"]

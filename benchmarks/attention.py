@@ -177,10 +177,14 @@ def main():
     p.add_argument("--case-seconds", type=float, default=10.0, help="stop repeating a case after this long")
     p.add_argument("--naive-limit-gb", type=float, default=16.0, help="skip the dense oracle above this estimate")
     p.add_argument("--out", help="append JSON lines here")
+    p.add_argument("--triton-tiles", help="JSON of TileConfig fields for the triton backend, e.g. '{\"pair_m\": 64}'")
     # internal: measure one case in a child process (CPU)
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
 
+    if args.triton_tiles:
+        from moba_train.ops.moba import triton as triton_backend
+        triton_backend.CONFIG = triton_backend.TileConfig(**json.loads(args.triton_tiles))
     if args.case:
         case = json.loads(args.case)
         s = Setting(**{**case["setting"], "heads": tuple(case["setting"]["heads"])})
@@ -193,6 +197,7 @@ def main():
         settings = [Setting(f"{n}", n, args.batch, tuple(args.heads), args.head_dim, args.block_size, args.topk,
                             tuple(args.modes)) for n in args.lengths]
     header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__,
+              "triton_tiles": args.triton_tiles,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()}
     if args.device == "cuda":
         header["ceilings"] = measure_ceilings(args.device)

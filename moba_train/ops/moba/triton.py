@@ -101,17 +101,26 @@ def _check(q: torch.Tensor) -> None:
 def _group_pairs(sel: torch.Tensor, hq: int, hkv: int, nb: int, pair_m: int):
     """Sort the (row, slot, block) pairs by (hkv, block, slot, row) and cut them into wave-major tiles."""
     R, n_select = sel.shape[0] * sel.shape[1], sel.shape[2]
+    n_groups = hkv * nb * n_select
+    if n_groups >= 2**31 - 1:
+        raise ValueError(f"KV heads x blocks x (topk-1) = {n_groups} must be < 2^31 for the triton MoBA backend; "
+                         f"use a larger block_size or a smaller topk")
     device = sel.device
     flat = sel.view(R, n_select)
-    rows = torch.arange(R, device=device, dtype=torch.int64)
-    # key = ((hkv * NB + block) * n_select + slot) << 32 | row, built in place to keep one [R, n_select] int64
+    # key = (hkv * NB + block) * n_select + slot; an empty slot sorts last. A stable sort keeps the
+    # rows of a key in ascending order: the whole order is fixed, so the backward is deterministic.
+    rows = torch.arange(R, device=device, dtype=torch.int32)
     key = ((rows // (hq // hkv)) % hkv)[:, None] * nb + flat
-    key.mul_(n_select).add_(torch.arange(n_select, device=device)).bitwise_left_shift_(32).bitwise_or_(rows[:, None])
-    key = key[flat >= 0].sort().values                 # keys are unique: the order is fully determined
-    pair_rows = (key & 0xFFFFFFFF).to(torch.int32)
-    counts = torch.bincount(key >> 32, minlength=hkv * nb * n_select).view(hkv * nb, n_select)
+    key.mul_(n_select).add_(torch.arange(n_select, device=device, dtype=torch.int32))
+    key.masked_fill_(flat < 0, 2**31 - 1)
+    key, order = torch.sort(key.view(-1), stable=True)
+    n_pairs = int((flat >= 0).sum())
+    pair_rows = (order[:n_pairs] // n_select).to(torch.int32)
+    del order
+    bounds = torch.searchsorted(key[:n_pairs], torch.arange(n_groups + 1, device=device, dtype=torch.int32))
     del key
-    first = (counts.flatten().cumsum(0) - counts.flatten()).view(hkv * nb, n_select)
+    counts = bounds.diff().view(hkv * nb, n_select)
+    first = bounds[:-1].view(hkv * nb, n_select)
 
     # Tiles, wave-major: wave s holds the slot-s pairs of every group, cut into pair_m rows.
     cnt_w, first_w = counts.t().flatten(), first.t().flatten()            # [(slot, group)]

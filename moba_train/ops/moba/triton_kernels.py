@@ -236,21 +236,23 @@ def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_
 @triton.jit
 def _dkv(kt, vt, offs_n, n_ok, q_ptr, dout_ptr, lse_ptr, delta_ptr, rows, row_ok, q_pos, D, scale2, dk, dv,
          CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Add one row tile's contribution to a key chunk's dk (unscaled) and dv."""
+    """Add one row tile's contribution to a key chunk's dk (unscaled) and dv.
+    Works on transposed scores [keys, rows], so every product has the keys as its M side and no
+    register tile needs a transpose (FlashAttention-2's dk/dv loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     qt = _load_rows(q_ptr, rows, row_ok, offs_d, D)
     dot = _load_rows(dout_ptr, rows, row_ok, offs_d, D)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-    s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale2
-    allowed = row_ok[:, None] & n_ok[None, :]
+    st = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale2
+    allowed = n_ok[:, None] & row_ok[None, :]
     if CAUSAL:
-        allowed = allowed & (offs_n[None, :] <= q_pos[:, None])
-    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p.to(dot.dtype)), dot, input_precision=PRECISION)
-    dp = tl.dot(dot, tl.trans(vt), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PRECISION)
+        allowed = allowed & (offs_n[:, None] <= q_pos[None, :])
+    pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
+    dv += tl.dot(pt.to(dot.dtype), dot, input_precision=PRECISION)
+    dpt = tl.dot(vt, tl.trans(dot), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(qt.dtype), qt, input_precision=PRECISION)
     return dk, dv
 
 

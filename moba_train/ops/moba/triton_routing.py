@@ -4,8 +4,9 @@ One program scores a tile of queries (consecutive tokens of one block, one query
 candidate blocks of their document in chunks, and keeps a running top-(topk-1) per query in
 registers. Memory is the inputs, the [NB, Hkv, D] means and the [T, Hq, n_select] result.
 
-Scores are q . mean(K_block) in fp32 (IEEE, not tf32), like `routing.select_blocks`; the two still
-sum in different orders, so they may disagree on near-ties (see routing.py).
+Scores are q . mean(K_block) in fp32 like `routing.select_blocks`: "tf32x3" splits each fp32
+operand into three tf32 products on the tensor cores, about as exact as fp32 FMA and several
+times faster. The two still sum in different orders, so they may disagree on near-ties (see routing.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+SCORE_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -37,7 +40,7 @@ def _block_means_kernel(k_ptr, means_ptr, block_start_ptr, block_len_ptr, stride
 def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_ptr, block_doc_first_ptr,
                           stride_qt, stride_qh, Hq, G, Hkv, D, n_select, chunks_per_block,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """sel[t, hq, :n_select] = ids of the best earlier blocks of t's document; -1 pads a short list."""
     blk = tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
@@ -71,10 +74,12 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
                 cand_ok = cand < blk
                 mt = tl.load(means_ptr + (cand[:, None].to(tl.int64) * Hkv + hkv) * D + offs_d[None, :],
                              mask=cand_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                s = tl.dot(qt, tl.trans(mt), input_precision="ieee")
+                s = tl.dot(qt, tl.trans(mt), input_precision=PRECISION)
                 s = tl.where(cand_ok[None, :], s, float("-inf"))
-                # Move the chunk's best into the list while it beats the list's worst (n_select rounds at most).
-                for _ in range(n_select):
+                # Move the chunk's best into the list while it beats the list's worst: a row needs at
+                # most as many rounds as it has candidates above its current worst.
+                above = tl.sum((s > tl.min(best, axis=1)[:, None]).to(tl.int32), axis=1)
+                for _ in range(tl.minimum(tl.max(above, axis=0), n_select)):
                     c_max = tl.max(s, axis=1)
                     c_arg = tl.min(tl.where(s == c_max[:, None], cand[None, :], 2147483647), axis=1)
                     worst = tl.min(best, axis=1)
@@ -114,5 +119,5 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, b
     _select_blocks_kernel[(NB * chunks, Hq)](
         q, means, sel, block_start, block_len, block_doc_first, q.stride(0), q.stride(1), Hq, Hq // Hkv, Hkv, D,
         n_select, chunks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(max(D, 16)),
-        BLOCK_K=triton.next_power_of_2(max(n_select, 2)))
+        BLOCK_K=triton.next_power_of_2(max(n_select, 2)), PRECISION=SCORE_PRECISION)
     return sel

@@ -1,0 +1,221 @@
+"""Decoding over a KV cache: sparse MoBA decode equals the operator on the whole sequence, token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moba_train.models.cached_attention as cached_attention
+import moba_train.models.decode_cache as decode_cache
+from moba_train.models import AttentionPlan, LayerAttention
+from moba_train.models.cached_attention import attend_cached
+from moba_train.models.decode_cache import BlockMeans
+from moba_train.ops import moba_attn_varlen
+from moba_train.ops.moba import block_means, build_layout
+from tests.models.tiny import FAMILIES, logits, stock_model, with_plan
+
+HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
+TOPK = {"top1": 1, "top3": 3, "top-all": 100}
+TOL = dict(atol=2e-6, rtol=1e-5)
+D = 16
+MOBA = {"block_size": 4, "topk": 2, "moba_layers": "all"}          # 2 of up to ~10 blocks: really sparse
+
+
+def random_qkv(length: int, heads: tuple[int, int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    return (torch.randn(length, hq, D, generator=g), torch.randn(length, hkv, D, generator=g),
+            torch.randn(length, hkv, D, generator=g))
+
+
+def operator(q, k, v, lens, block_size, topk):
+    """The MoBA operator over whole sequences (one per entry of `lens`), [T, H, D] packed."""
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return moba_attn_varlen(q, k, v, cu, max(lens), block_size=block_size, topk=topk, backend="naive")
+
+
+def as_cache(x):
+    """[T, H, D] -> [1, H, T, D], the layout of transformers' cache and queries."""
+    return x.transpose(0, 1)[None]
+
+
+@pytest.mark.parametrize("topk", TOPK.values(), ids=TOPK.keys())
+@pytest.mark.parametrize("prefill", [9, 12], ids=["prefill-mid-block", "prefill-at-block-end"])
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+def test_each_decoded_token_equals_the_operator_on_the_whole_sequence(heads, prefill, topk):
+    bs, T = 4, 41
+    layer = LayerAttention("moba", bs, topk, "auto")
+    q, k, v = random_qkv(T, heads)
+    want = operator(q, k, v, [T], bs, topk)
+    means = BlockMeans(bs)
+    for t in range(prefill, T):   # one token a step; 8 blocks complete along the way
+        got = attend_cached(as_cache(q[t:t + 1]), as_cache(k[:t + 1]), as_cache(v[:t + 1]), None, layer, None, means)
+        torch.testing.assert_close(got[0, 0], want[t], **TOL)
+    assert means.complete == [T // bs]
+    # the means the decoder kept equal the operator's own, bit for bit
+    operator_means = block_means(k, build_layout([0, T], bs, k.device))[:T // bs]
+    assert torch.equal(means.means[0, :, :T // bs].transpose(0, 1), operator_means)
+
+
+@pytest.mark.parametrize("chunks", [(9, 5, 1, 7, 3, 12, 2), (9, 30, 1)], ids=["short-chunks", "one-long-chunk"])
+def test_several_tokens_per_step_equal_the_operator(chunks, monkeypatch):
+    """Queries appended several at a time (assisted decoding, chunked prefill), cut into gather chunks."""
+    monkeypatch.setattr(cached_attention, "GATHER_ELEMENTS", 6 * 3 * 4 * D * 2)   # about 2 queries per chunk
+    bs, topk, T = 4, 3, sum(chunks)
+    layer = LayerAttention("moba", bs, topk, "auto")
+    q, k, v = random_qkv(T, HEADS["gqa"], seed=1)
+    want = operator(q, k, v, [T], bs, topk)
+    means = BlockMeans(bs)
+    end = chunks[0]
+    for n in chunks[1:]:
+        start, end = end, end + n
+        got = attend_cached(as_cache(q[start:end]), as_cache(k[:end]), as_cache(v[:end]), None, layer, None, means)
+        torch.testing.assert_close(got[0], want[start:end], **TOL)
+
+
+def test_left_padded_rows_each_equal_the_operator_on_their_own_sequence():
+    bs, topk, steps = 4, 3, 19
+    prompts = [5, 13, 9]
+    K0 = max(prompts)
+    layer = LayerAttention("moba", bs, topk, "auto")
+    lens = [p + steps for p in prompts]
+    q, k, v = random_qkv(sum(lens), HEADS["gqa"], seed=2)
+    want = operator(q, k, v, lens, bs, topk)
+    starts = torch.tensor([0, *lens]).cumsum(0).tolist()
+    B, K = len(prompts), K0 + steps
+    # row b: pad_b slots of garbage (must be ignored), then its own sequence
+    cache_q, cache_k, cache_v = (torch.full((B, x.shape[1], K, D), 1e3) for x in (q, k, v))
+    valid = torch.zeros(B, K, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        pad = K0 - p
+        for cache, x in ((cache_q, q), (cache_k, k), (cache_v, v)):
+            cache[b, :, pad:] = x[starts[b]:starts[b + 1]].transpose(0, 1)
+        valid[b, pad:] = True
+    means = BlockMeans(bs)
+    for t in range(K0, K):
+        got = attend_cached(cache_q[:, :, t:t + 1], cache_k[:, :, :t + 1], cache_v[:, :, :t + 1], valid[:, :t + 1],
+                            layer, None, means)
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(got[b, 0], want[starts[b] + p + t - K0], **TOL)
+    assert means.pad == [K0 - p for p in prompts]
+    assert means.complete == [n // bs for n in lens]
+
+
+def test_right_padding_is_refused_with_the_fix():
+    layer = LayerAttention("moba", 4, 2, "auto")
+    q, k, v = random_qkv(10, HEADS["mha"])
+    valid = torch.tensor([[True] * 7 + [False] * 2 + [True]])
+    with pytest.raises(ValueError, match="padding_side='left'.*decode: full"):
+        attend_cached(as_cache(q[9:]), as_cache(k), as_cache(v), valid, layer, None, BlockMeans(4))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+def test_decode_full_is_dense_causal_attention(padded):
+    """decode: full (the paper's setting): a MoBA layer attends every earlier key while decoding."""
+    layer = LayerAttention("moba", 4, 2, "auto", decode="full")
+    T, pad = 30, 3 if padded else 0
+    q, k, v = random_qkv(T, HEADS["gqa"], seed=3)
+    want = F.scaled_dot_product_attention(as_cache(q), as_cache(k), as_cache(v), is_causal=True, enable_gqa=True)
+    sparse = operator(q, k, v, [T], 4, 2)
+    padding = torch.full((1, HEADS["gqa"][1], pad, D), 1e3)
+    keys, values = torch.cat([padding, as_cache(k)], 2), torch.cat([padding, as_cache(v)], 2)
+    valid = torch.arange(pad + T)[None] >= pad if padded else None
+    for t in range(10, T):
+        got = attend_cached(as_cache(q[t:t + 1]), keys[:, :, :pad + t + 1], values[:, :, :pad + t + 1],
+                            None if valid is None else valid[:, :pad + t + 1], layer, None)
+        torch.testing.assert_close(got[0, 0], want[0, :, t], **TOL)
+    assert not torch.allclose(got[0, 0], sparse[T - 1], atol=1e-3)   # and that is not what MoBA gives
+
+
+def greedy_by_recomputing(model, prompt, new_tokens):
+    """Greedy decoding that runs the whole sequence through the model (the operator) at every step."""
+    seq, step_logits = prompt, []
+    for _ in range(new_tokens):
+        last = logits(model, input_ids=seq)[:, -1]
+        step_logits.append(last)
+        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    return seq, step_logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generate_equals_recomputing_with_the_operator(family):
+    model = with_plan(stock_model(family), MOBA)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=14, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)   # 24 tokens: blocks 3..5 complete while decoding
+    want, want_logits = greedy_by_recomputing(model, prompt, 14)
+    assert torch.equal(out.sequences, want)
+    for got, ref in zip(out.logits, want_logits):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    states = model.model.layers[0].self_attn.kv_cache_states.by_cache[out.past_key_values]
+    assert states.complete == [23 // 4]   # the last token was never fed back, so 23 keys are cached
+
+
+def test_block_means_are_computed_once_per_block_not_per_step(monkeypatch):
+    """Decoding reads each cached key once for the gate (when its block completes), not at every step."""
+    reduced = []
+
+    def counting_block_means(k, layout):
+        reduced.append(k.shape[0])
+        return block_means(k, layout)
+
+    monkeypatch.setattr(decode_cache, "block_means", counting_block_means)
+    model = with_plan(stock_model("llama"), MOBA)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=30, do_sample=False)
+    layers = model.config.num_hidden_layers
+    assert sum(reduced) == layers * (39 // 4) * 4      # every complete block of the 39 cached keys, once
+    assert len(reduced) == layers * (1 + (39 // 4 - 10 // 4))   # the prompt's blocks, then one call per new block
+
+
+def test_cache_changed_outside_decoding_rebuilds_the_means(caplog):
+    """crop (assisted decoding's rollback) replaces the cache's keys: the means start over, results stay exact."""
+    model = with_plan(stock_model("llama"), MOBA)
+    seq = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    want = logits(model, input_ids=seq)
+    with torch.no_grad():
+        cache = model(input_ids=seq[:, :9], use_cache=True).past_key_values
+        for t in range(9, 22):
+            model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache.crop(-7)                                   # back to 15 tokens
+        for t in range(15, 30):
+            out = model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits[0, -1], want[0, t], atol=2e-5, rtol=1e-5)
+    assert "rebuilt from the cache" in caplog.text
+
+
+def test_beam_search_equals_beam_search_without_cache():
+    """Beam search reorders the cache every step; the block means follow."""
+    model = with_plan(stock_model("llama"), MOBA)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(7))
+    kwargs = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        recomputed = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, recomputed)
+
+
+def test_decode_mode_reaches_the_layers():
+    base = stock_model("llama")
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(8))
+    runs = {}
+    for mode in ("moba", "full"):
+        model = with_plan(base, {**MOBA, "decode": mode})
+        with torch.no_grad():
+            runs[mode] = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True).logits
+    torch.testing.assert_close(runs["moba"][0], runs["full"][0])      # the first token comes from the prefill
+    assert not torch.allclose(runs["moba"][1], runs["full"][1], atol=1e-4)
+
+
+def test_plan_decode_key_default_and_validation():
+    plan = AttentionPlan.from_config(MOBA, 2)
+    assert plan.at(0).decode == "moba" and plan.to_config()["decode"] == "moba"
+    dense = AttentionPlan.from_config({**MOBA, "decode": "full"}, 2)
+    assert dense.at(0) == LayerAttention("moba", 4, 2, "auto", "full")
+    assert dense.describe() == "moba(b4,k2,decode=full) layers 0-1"
+    with pytest.raises(ValueError, match=r"decode must be one of \['moba', 'full'\].*got 'sparse'"):
+        AttentionPlan.from_config({**MOBA, "decode": "sparse"}, 2)

@@ -219,3 +219,20 @@ def test_plan_decode_key_default_and_validation():
     assert dense.describe() == "moba(b4,k2,decode=full) layers 0-1"
     with pytest.raises(ValueError, match=r"decode must be one of \['moba', 'full'\].*got 'sparse'"):
         AttentionPlan.from_config({**MOBA, "decode": "sparse"}, 2)
+
+
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "slice-of-longer-cache": lambda x: torch.cat([x, x], dim=2)[:, :, 3:3 + x.shape[2]],   # a cropped cache
+    "token-major": lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),                 # [B, K, H, D] storage
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_gathered_rows_equal_advanced_indexing(layout):
+    g = torch.Generator().manual_seed(9)
+    x = layout(torch.randn(3, 2, 20, D, generator=g))
+    slots = torch.randint(0, 20, (3, 2, 7), generator=g)
+    want = x[torch.arange(3)[:, None, None], torch.arange(2)[None, :, None], slots]
+    keys, values = cached_attention._gather(x, x + 1, slots)
+    assert torch.equal(keys, want) and torch.equal(values, want + 1)

@@ -1,0 +1,179 @@
+"""Decode tokens/s over a long KV cache: MoBA layers decoding densely (`full`, the paper's setting) or
+sparsely (`moba`: own block + top-(k-1) blocks by the block means kept with the cache).
+
+Two levels per context length L:
+  attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
+             the decode mode changes. For `moba` the first call, which builds the block means from the
+             whole cache, is reported apart ("state build").
+  model      a whole decoding step of a randomly initialised decoder (forward of one token with
+             transformers' DynamicCache, every layer MoBA) after a MoBA prefill of L tokens: what
+             generate() pays per token. DynamicCache appends by concatenation, i.e. it copies the
+             whole cache every step whatever the decode mode; that cost is in these numbers.
+
+CPU (small, fp32):
+    python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
+GPU (the sizes of docs/benchmarks.md):
+    python benchmarks/decode.py --device cuda --dtype bf16 --contexts 32768 131072
+Prints a markdown table; --out appends JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+
+from moba_train.models import AttentionPlan, LayerAttention, attach_plan, build_from_config
+from moba_train.models.cached_attention import attend_cached
+from moba_train.models.decode_cache import BlockMeans
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("full", "moba")
+MODELS = {
+    # SmolLM2-135M's shape (the demo model): 30 layers, 9 query / 3 KV heads of 64, vocabulary 49,152.
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def bench_attention(L: int, mode: str, args) -> dict:
+    dtype, dev = DTYPES[args.dtype], args.device
+    hq, hkv = args.heads
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, hq, 1, args.head_dim, generator=g, device=dev, dtype=dtype)
+    k, v = (torch.randn(1, hkv, L, args.head_dim, generator=g, device=dev, dtype=dtype) for _ in range(2))
+    layer = LayerAttention("moba", args.block_size, args.topk, "auto", decode=mode)
+    means = BlockMeans(args.block_size) if mode == "moba" else None
+    with torch.no_grad():
+        build = timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev)
+        for _ in range(args.warmup):
+            attend_cached(q, k, v, None, layer, None, means)
+        reset_peak(dev)
+        times = [timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev) for _ in range(args.steps)]
+    ms = 1e3 * statistics.median(times)
+    return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+            "state_build_ms": 1e3 * build if mode == "moba" else None, "peak_gib": peak_gib(dev)}
+
+
+def plan_for(model, mode: str, args) -> AttentionPlan:
+    return AttentionPlan.from_config({"block_size": args.block_size, "topk": args.topk, "moba_layers": "all",
+                                      "decode": mode}, model.config.num_hidden_layers)
+
+
+def bench_model(L: int, args) -> list[dict]:
+    dev = args.device
+    cfg = {**MODELS[args.model], "max_position_embeddings": L + args.warmup + args.steps + 16}
+    model = build_from_config(cfg, dtype=DTYPES[args.dtype], seed=0).to(dev).eval()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (1, L + args.warmup + args.steps), generator=g).to(dev)
+    attach_plan(model, plan_for(model, "moba", args))
+    rows = []
+    with torch.no_grad():
+        out = {}
+        prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1)), dev)
+        cache = out["o"].past_key_values
+        for mode in args.modes:
+            attach_plan(model, plan_for(model, mode, args))
+
+            def step(t):
+                model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+
+            for t in range(L, L + args.warmup):
+                step(t)
+            reset_peak(dev)
+            times = [timed(lambda: step(t), dev) for t in range(L + args.warmup, L + args.warmup + args.steps)]
+            cache.crop(-(args.warmup + args.steps))   # back to the prefill for the next mode
+            ms = 1e3 * statistics.median(times)
+            rows.append({"level": "model", "model": args.model, "context": L, "decode": mode, "ms_per_token": ms,
+                         "tokens_per_s": 1e3 / ms, "prefill_s": prefill, "peak_gib": peak_gib(dev)})
+    del model, cache, out
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192], help="tokens in the cache")
+    p.add_argument("--levels", nargs="+", default=["attention", "model"], choices=["attention", "model"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--model", default=None, choices=sorted(MODELS), help="default: smollm2-135m on cuda, tiny on cpu")
+    p.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"), help="attention level")
+    p.add_argument("--head-dim", type=int, default=128, help="attention level")
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed decoding steps (the median is reported)")
+    p.add_argument("--out", help="append JSON lines here")
+    args = p.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.model = args.model or ("smollm2-135m" if args.device == "cuda" else "tiny")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    for L in args.contexts:
+        if L < args.block_size * args.topk:
+            p.error(f"context {L} < block_size x topk = {args.block_size * args.topk}: MoBA would attend everything")
+    logging.getLogger("moba_train.models.decode_cache").setLevel(logging.ERROR)   # the crop between modes
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__, "device": device_name,
+              "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk}
+    print(f"# {json.dumps(header)}")
+    print(f"attention level: heads {args.heads[0]}/{args.heads[1]} x {args.head_dim}; model level: {args.model}")
+    print("| context | level | decode | ms/token | tokens/s | vs full | state build ms | prefill s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for L in args.contexts:
+        rows = []
+        if "attention" in args.levels:
+            rows += [bench_attention(L, mode, args) for mode in args.modes]
+        if "model" in args.levels:
+            rows += bench_model(L, args)
+        full = {r["level"]: r["ms_per_token"] for r in rows if r["decode"] == "full"}
+        for r in rows:
+            ratio = f"{full[r['level']] / r['ms_per_token']:.2f}x" if r["level"] in full else ""
+            cells = [f"{L // 1024}K" if L % 1024 == 0 else str(L), r["level"], r["decode"], f"{r['ms_per_token']:.3f}",
+                     f"{r['tokens_per_s']:.0f}", ratio,
+                     "" if r.get("state_build_ms") is None else f"{r['state_build_ms']:.1f}",
+                     "" if r.get("prefill_s") is None else f"{r['prefill_s']:.2f}",
+                     "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({**header, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import logging
 import weakref
 
 import torch
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from ..ops.moba import block_means, build_layout
 
@@ -120,17 +121,23 @@ class KVCacheStates:
         self.current = None                # weakref to the cache of the forward in progress, or None
 
 
-def _cache_layer_keys(cache, layer_idx: int) -> torch.Tensor | None:
+def _cache_layer(cache, layer_idx: int):
     layers = getattr(cache, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        return None
-    return getattr(layers[layer_idx], "keys", None)
+    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+
+
+def _cache_layer_keys(cache, layer_idx: int) -> torch.Tensor | None:
+    return getattr(_cache_layer(cache, layer_idx), "keys", None)
 
 
 def _note_cache(module: torch.nn.Module, args, kwargs) -> None:
     """Forward pre-hook: remember this call's cache; forget its block means if the cache was changed meanwhile."""
     states: KVCacheStates = module.kv_cache_states
     cache = kwargs.get("past_key_values")
+    if isinstance(_cache_layer(cache, module.layer_idx), StaticLayer):
+        # Its keys are the whole preallocated buffer, not the tokens so far: attention would see empty slots.
+        raise ValueError(f"moba-train's attention does not support static KV caches ({type(cache).__name__}); "
+                         f"use the default DynamicCache (no cache_implementation in generate())")
     states.current = weakref.ref(cache) if cache is not None else None
     state = states.by_cache.get(cache) if cache is not None else None
     if state is not None:
@@ -162,10 +169,11 @@ def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: in
         raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) decodes over a KV "
                            f"cache it was not told about: sparse MoBA decoding needs attach_plan's cache hook and "
                            f"past_key_values passed to the attention module as a keyword (as transformers does)")
-    keys = _cache_layer_keys(cache, module.layer_idx)
-    if keys is None:
-        raise RuntimeError(f"sparse MoBA decoding needs a cache with per-layer key tensors (DynamicCache), got "
-                           f"{type(cache).__name__}; use the default cache or set decode: full")
+    layer = _cache_layer(cache, module.layer_idx)
+    if not isinstance(layer, DynamicLayer):
+        raise ValueError(f"sparse MoBA decoding needs transformers' DynamicCache, got {type(cache).__name__} "
+                         f"({type(layer).__name__} layers); use the default cache or set decode: full")
+    keys = layer.keys
     state = states.by_cache.get(cache)
     if state is None or state.block_size != block_size or state.slots != slots_before:
         state = BlockMeans(block_size)

@@ -236,3 +236,12 @@ def test_gathered_rows_equal_advanced_indexing(layout):
     want = x[torch.arange(3)[:, None, None], torch.arange(2)[None, :, None], slots]
     keys, values = cached_attention._gather(x, x + 1, slots)
     assert torch.equal(keys, want) and torch.equal(values, want + 1)
+
+
+@pytest.mark.parametrize("plan", [MOBA, {**MOBA, "moba_layers": "none"}], ids=["moba", "full"])
+def test_static_cache_is_refused_with_the_fix(plan):
+    """A static cache hands attention its whole preallocated buffer: empty slots would be attended."""
+    model = with_plan(stock_model("llama"), plan)
+    with pytest.raises(ValueError, match="static KV caches.*use the default DynamicCache"):
+        model.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=2, do_sample=False,
+                       cache_implementation="static")

@@ -107,6 +107,30 @@ class LoggerConfig:
     group: str | None = None
     name: str | None = None
     mode: Literal["offline", "online", "disabled"] | None = None   # None: $WANDB_MODE, else offline
+    peak_tflops: float | None = None    # per device, for MFU; None: data sheet of a known GPU, else a measured matmul
+    routing_stats_every: int = 200      # MoBA routing statistics on the first step of each stage and every N steps; 0: off
+    routing_stats_queries: int = 128    # queries per layer whose captured attention mass is measured on such a step
+
+
+@dataclass
+class PasskeyConfig:
+    """Passkey retrieval: a number hidden at several depths of a haystack of real text, read back greedily."""
+
+    enabled: bool = True                # at stage ends (mode=eval always runs it)
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    lengths: list[int] | None = None    # haystack tokens; None: the stage's seq_len (mode=eval: every stage's)
+    samples: int = 1                    # haystacks (different keys) per depth and length
+    max_length: int = 131072            # longer haystacks are skipped (generation holds the whole KV cache on one GPU)
+    max_length_cpu: int = 1024          # the same cap on CPU, where a prefill runs at a few hundred tokens/s
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    position_buckets: int = 16          # validation loss by position: buckets up to the stage length
+    tail_tokens: int = 2048             # trailing-token loss: the last min(tail_tokens, seq_len/4) positions
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    plots: bool = True                  # PNGs in <output_dir>/plots/ (and wandb) at stage ends and at the end
 
 
 @dataclass
@@ -120,6 +144,8 @@ class DebugConfig:
     crash_after_step: int | None = None   # tests: exit hard after this global step (kill-and-resume)
     max_steps_per_stage: int | None = None
     shrink_seq_len: int | None = None     # smoke runs: cap every stage's length (and what depends on it)
+    poison_loss_at_steps: list[int] = field(default_factory=list)  # tests: rank 0's loss is NaN at these steps
+    interrupt_after_step: int | None = None   # tests: send this process SIGINT after this global step
 
 
 @dataclass
@@ -133,6 +159,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -200,6 +227,22 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: attention.topk must be >= 1, got {attn.get('topk')}")
         if s.lr.peak <= 0 or not 0 <= s.lr.min_ratio <= 1 or s.lr.warmup < 0:
             raise ConfigError(f"{where}: lr needs peak > 0, 0 <= min_ratio <= 1, warmup >= 0")
+    check_eval(cfg)
+
+
+def check_eval(cfg: RunConfig) -> None:
+    pk = cfg.eval.passkey
+    if any(not 0.0 <= d <= 1.0 for d in pk.depths) or not pk.depths:
+        raise ConfigError(f"eval.passkey.depths must be fractions in [0, 1] (where the key sits in the haystack), "
+                          f"got {pk.depths}")
+    if pk.lengths is not None and any(n < 64 for n in pk.lengths):
+        raise ConfigError(f"eval.passkey.lengths must be token counts >= 64, got {pk.lengths}")
+    if pk.samples < 1 or cfg.eval.position_buckets < 1 or cfg.eval.tail_tokens < 1:
+        raise ConfigError("eval.passkey.samples, eval.position_buckets and eval.tail_tokens must be >= 1")
+    if cfg.logger.routing_stats_every < 0 or cfg.logger.routing_stats_queries < 1:
+        raise ConfigError("logger.routing_stats_every must be >= 0 (0: off) and logger.routing_stats_queries >= 1")
+    if cfg.logger.peak_tflops is not None and cfg.logger.peak_tflops <= 0:
+        raise ConfigError(f"logger.peak_tflops must be positive (per-device dense TFLOP/s), got {cfg.logger.peak_tflops}")
 
 
 def _uses_moba(attn: dict) -> bool:

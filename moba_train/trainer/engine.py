@@ -85,6 +85,8 @@ def deepspeed_config(cfg: RunConfig, stage: StageConfig, load_universal: bool = 
     out["zero_allow_untested_optimizer"] = True        # torch's AdamW: no JIT-built DeepSpeed optimizer
     if out.get("zero_optimization", {}).get("offload_optimizer"):
         out["zero_force_ds_cpu_optimizer"] = False
+    if out.get("zero_optimization", {}).get("stage", 0) == 0:
+        out["gradient_clipping"] = 0.0      # the trainer clips stage-0 gradients itself (step._zero0_boundary)
     if load_universal:
         out.setdefault("checkpoint", {})["load_universal"] = True
     return out

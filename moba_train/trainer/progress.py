@@ -23,6 +23,11 @@ class StageSummary:
     tail_loss: float | None = None       # validation loss on the last positions of each sequence
     skipped_steps: int = 0
     plan: str = ""
+    passkey: float | None = None         # passkey accuracy at the stage's end
+    tflops_per_gpu: float | None = None  # achieved, over the stage's steps
+    mfu: float | None = None
+    data_wait_share: float | None = None
+    peak_memory_gib: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -54,14 +59,20 @@ class StageProgress:
         self.bar.close()
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(rows: list[StageSummary]) -> str:
-    head = ["stage", "mode", "seq", "steps", "tokens", "tok/s", "loss first->last", "val loss", "tail loss", "skipped"]
+    head = ["stage", "mode", "seq", "steps", "tokens", "tok/s", "TFLOP/s/GPU", "MFU", "data wait", "peak mem GiB",
+            "loss first->last", "val loss", "tail loss", "passkey", "skipped"]
     body = []
     for r in rows:
         loss = (f"{r.first_loss:.4f} -> {r.last_loss:.4f}" if r.first_loss is not None and r.last_loss is not None else "-")
-        body.append([r.name, r.mode, str(r.seq_len), str(r.steps), f"{r.tokens:,}", f"{r.tokens_per_s:,.0f}", loss,
-                     f"{r.val_loss:.4f}" if r.val_loss is not None else "-",
-                     f"{r.tail_loss:.4f}" if r.tail_loss is not None else "-", str(r.skipped_steps)])
+        body.append([r.name, r.mode, str(r.seq_len), str(r.steps), f"{r.tokens:,}", f"{r.tokens_per_s:,.0f}",
+                     _fmt(r.tflops_per_gpu, ".3g"), _fmt(r.mfu, ".1%"), _fmt(r.data_wait_share, ".1%"),
+                     _fmt(r.peak_memory_gib, ".2f"), loss, _fmt(r.val_loss, ".4f"), _fmt(r.tail_loss, ".4f"),
+                     _fmt(r.passkey, ".0%"), str(r.skipped_steps)])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,11 @@ import torch.distributed as dist
 
 from moba_train.distributed.groups import layout
 from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
+from moba_train.eval.passkey import describe as describe_passkey
 from moba_train.eval.position_loss import evaluate_position_loss
+from moba_train.eval.stage_end import plots_from_metrics, stage_passkey
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
-from moba_train.tracking import Tracker
+from moba_train.tracking import StepTiming, Tracker
 
 from . import checkpoint
 from .config import RunConfig, StageConfig, stage_attention, stage_sequence_parallel
@@ -103,10 +106,12 @@ def train(cfg: RunConfig) -> RunResult:
             print(f"resumed from {resume_from}: stage {state.stage_index}, stage step {state.stage_step}, "
                   f"global step {state.global_step}", flush=True)
 
-    tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id)
+    tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id,
+                      model=lm, world=world)
     state.wandb_run_id = tracker.run_id
     job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, StopRequest.install(), ckpt_root, rank, world)
     result = RunResult(checkpoint_dir=ckpt_root)
+    failed = True
     try:
         while state.stage_index < len(cfg.stages):
             summary = _run_stage(job, state.stage_index)
@@ -117,6 +122,7 @@ def train(cfg: RunConfig) -> RunResult:
             print(f"run {cfg.run_name} finished\n{format_table(result.summaries)}", flush=True)
         if cfg.trainer.export:
             result.export_dir = _export(job, output_dir / "hf_model")
+        failed = False
     except Exception as e:
         if is_oom(e):
             stage = cfg.stages[min(state.stage_index, len(cfg.stages) - 1)]
@@ -124,7 +130,7 @@ def train(cfg: RunConfig) -> RunResult:
         raise
     finally:
         job.stop.uninstall()
-        tracker.finish()
+        tracker.finish(failed=failed)
     result.losses = tracker.losses
     return result
 
@@ -181,10 +187,11 @@ def _run_stage(job: Job, index: int) -> StageSummary:
     if job.rank == 0:
         print(_transition_message(stage, index, plan, sp), flush=True)
         print(stream.report(), flush=True)
-    job.tracker.stage_started(index, stage, plan)
+    job.tracker.stage_started(index, stage, plan, step=state.global_step)
 
     summary = StageSummary(stage.name, stage.seq_len, stage.mode, plan=plan.describe())
-    progress = StageProgress(stage.name, total, state.stage_step, enabled=job.rank == 0)
+    progress = StageProgress(f"{index + 1}/{len(cfg.stages)} {stage.name}", total, state.stage_step,
+                             enabled=job.rank == 0)
     lr_cfg = dataclasses.replace(stage.lr, warmup=0.0) if stage.carry_over.lr_schedule and index else stage.lr
     bad_in_a_row = 0
     started = time.perf_counter()
@@ -192,8 +199,14 @@ def _run_stage(job: Job, index: int) -> StageSummary:
         changed = plan.set_progress(state.stage_step / total)
         lr = lr_at(state.stage_step, total, lr_cfg)
         set_lr(engine, lr)
-        batches = [shard_batch(next(stream), lay.sp_rank, sp) for _ in range(stage.grad_accum)]
-        step = train_step(engine, batches, grad_divisor=lay.world)
+        started_step = time.perf_counter()
+        packs = [next(stream) for _ in range(stage.grad_accum)]
+        data_seconds = time.perf_counter() - started_step
+        batches = [shard_batch(p, lay.sp_rank, sp) for p in packs]
+        poison = job.rank == 0 and state.global_step + 1 in cfg.debug.poison_loss_at_steps
+        with job.tracker.routing_probe(job.lm, plan, state.stage_step, state.global_step + 1, stage.seq_len):
+            step = train_step(engine, batches, grad_divisor=lay.world, clip=cfg.trainer.grad_clip, poison=poison)
+        timing = StepTiming(time.perf_counter() - started_step, data_seconds)
         state.stage_step += 1
         state.global_step += 1
         state.tokens_seen += step.tokens
@@ -212,9 +225,11 @@ def _run_stage(job: Job, index: int) -> StageSummary:
             summary.last_loss = step.loss
         summary.steps += 1
         summary.tokens += step.tokens
-        job.tracker.log_step(state.global_step, index, stage, step, lr, plan)
+        job.tracker.log_step(state.global_step, index, stage, step, lr, plan, packs=packs, sp=sp, timing=timing)
         progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
 
+        if cfg.debug.interrupt_after_step == state.global_step:
+            os.kill(os.getpid(), signal.SIGINT)
         stop_now = job.stop.requested()
         periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
         if stop_now or (periodic and state.stage_step < total):
@@ -230,9 +245,16 @@ def _run_stage(job: Job, index: int) -> StageSummary:
 
     if stage.eval and cfg.trainer.eval_batches > 0:
         batches = stream.validation_batches(max_packs=cfg.trainer.eval_batches * stage.micro_batch_size * lay.dp)
-        ev = evaluate_position_loss(engine.module, [shard_batch(b, lay.sp_rank, sp) for b in batches], stage.seq_len)
+        ev = evaluate_position_loss(engine.module, [shard_batch(b, lay.sp_rank, sp) for b in batches], stage.seq_len,
+                                    buckets=cfg.eval.position_buckets, tail_tokens=cfg.eval.tail_tokens)
         summary.val_loss, summary.tail_loss = ev.mean_loss, ev.tail_loss
         job.tracker.log_eval(state.global_step, index, stage, ev)
+    passkey = stage_passkey(job.lm, job.tokenizer, cfg, stage, sp, engine.zero_optimization_stage() == 3, job.world)
+    if passkey is not None:
+        summary.passkey = passkey.accuracy
+        job.tracker.log_passkey(state.global_step, index, stage, passkey)
+        if job.rank == 0:
+            print(describe_passkey(passkey), flush=True)
     log.info("%s", stream.report())
 
     # The stage-end checkpoint points at the start of the next stage.
@@ -242,7 +264,9 @@ def _run_stage(job: Job, index: int) -> StageSummary:
     if following is None or not following.carry_over.data_position:
         state.data_state = {}
     _save(job, sp)
-    job.tracker.stage_finished(index, summary)
+    job.tracker.stage_finished(index, summary, step=state.global_step)
+    if cfg.eval.plots and job.rank == 0:
+        job.tracker.log_plots(plots_from_metrics(job.tracker.output_dir), state.global_step)
     return summary
 
 

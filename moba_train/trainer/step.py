@@ -35,7 +35,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(engine, micro_batches: list[dict], grad_divisor: int) -> StepResult:
+def _zero0_boundary(engine, bad: bool, clip: float) -> float | None:
+    """ZeRO-0, after the last backward (gradients all-reduced, whole and identical on every rank): drop the
+    gradients of a bad step, so the optimizer skips every parameter, else clip them and return their norm.
+    DeepSpeed's stage-0 clipping is switched off (engine.deepspeed_config): it fails on a step without
+    gradients and discards the norm it computes."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if bad:
+        for p in params:
+            p.grad = None
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+
+
+def train_step(engine, micro_batches: list[dict], grad_divisor: int, clip: float, poison: bool = False) -> StepResult:
     """Forward/backward every micro-batch, then step.
 
     Each micro-batch contributes loss_sum * grad_divisor / N, N being the step's targeted tokens over
@@ -43,17 +56,17 @@ def train_step(engine, micro_batches: list[dict], grad_divisor: int) -> StepResu
     follows the token-weighted mean loss whatever the split across micro-batches and ranks.
     A non-finite loss anywhere poisons the step's gradients on every rank (the decision is global,
     so all ranks keep issuing the same collectives); DeepSpeed's overflow check then skips the
-    update, and with ZeRO-0, which has no such check, the gradients are dropped before the step.
+    update; with ZeRO-0, which has no such check, the gradients are dropped before the step.
     """
     local_targets = sum(target_count(b) for b in micro_batches)
     local_tokens = sum(b["input_ids"].numel() for b in micro_batches)
     total_targets, total_tokens = _all_reduce([local_targets, local_tokens])
     denom = max(total_targets, 1.0)
 
-    loss_sum, bad = 0.0, False
+    loss_sum, bad, own_norm = 0.0, False, None
     for i, batch in enumerate(micro_batches):
         loss = engine(to_device(batch, engine.device))
-        value = float(loss.detach())
+        value = float("nan") if poison else float(loss.detach())
         (finite,) = _all_reduce([float(math.isfinite(value))], op=dist.ReduceOp.MIN)
         bad = bad or finite < 1
         if bad:
@@ -61,15 +74,14 @@ def train_step(engine, micro_batches: list[dict], grad_divisor: int) -> StepResu
         else:
             loss_sum += value
         engine.backward(loss * (grad_divisor / denom), scale_wrt_gas=False)
-        if i == len(micro_batches) - 1 and bad and engine.zero_optimization_stage() == 0:
-            for p in engine.module.parameters():
-                p.grad = None                  # torch optimizers skip parameters without a gradient
+        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+            own_norm = _zero0_boundary(engine, bad, clip)
         engine.step()
 
     if bad and engine.zero_optimization_stage() > 0 and engine.was_step_applied():
         raise RuntimeError("DeepSpeed applied an update with NaN gradients; enable its overflow check "
                            "(bf16.check_grad_overflow) in the DeepSpeed config")
     (global_loss,) = _all_reduce([loss_sum])
-    norm = engine.get_global_grad_norm()
+    norm = own_norm if engine.zero_optimization_stage() == 0 else engine.get_global_grad_norm()
     return StepResult(loss=float("nan") if bad else global_loss / denom, target_tokens=int(total_targets),
                       tokens=int(total_tokens), grad_norm=None if bad or norm is None else float(norm), skipped=bad)

@@ -2,7 +2,7 @@
 
 Long-context gains show up late in a document: a model that uses distant context has lower loss
 at position 30K than at 300. Positions are `position_ids` (restarting per document), bucketed
-evenly up to the stage length; the tail is the last min(2048, L/4) positions.
+evenly up to the stage length; the tail is the last min(tail_tokens, L/4) positions (2048 by default).
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ class PositionLoss:
     tokens: int = 0
 
 
-def tail_window(seq_len: int) -> int:
-    return min(2048, max(1, seq_len // 4))
+def tail_window(seq_len: int, tail_tokens: int = 2048) -> int:
+    return min(tail_tokens, max(1, seq_len // 4))
 
 
 @torch.no_grad()
-def evaluate_position_loss(module, batches, seq_len: int, buckets: int = 16, chunk_tokens: int = 4096) -> PositionLoss:
+def evaluate_position_loss(module, batches, seq_len: int, buckets: int = 16, chunk_tokens: int = 4096,
+                           tail_tokens: int = 2048) -> PositionLoss:
     """`module` is the trained PackedCausalLM (engine.module); every rank must call this together."""
     buckets = max(1, min(buckets, seq_len))
     edges = [seq_len * b // buckets for b in range(buckets + 1)]
-    window = tail_window(seq_len)
+    window = tail_window(seq_len, tail_tokens)
     sums = torch.zeros(buckets + 1, dtype=torch.float64)     # last slot: the tail
     counts = torch.zeros(buckets + 1, dtype=torch.float64)
     was_training = module.training

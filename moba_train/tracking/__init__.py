@@ -1,104 +1,156 @@
 """What a run records: `metrics.jsonl` in the run directory (always, rank 0) and wandb (offline by default).
 
-A resumed run truncates the records after its checkpoint's step, so the files describe exactly the
-steps the model really took, and reattaches to the same wandb run id.
+Every rank calls the Tracker's methods (some measurements are summed over ranks); only rank 0 writes.
+A resumed run truncates the records after its checkpoint's step and reattaches to the same wandb run.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
+from . import wandb_run
+from .metrics_file import FILE_NAME, MetricsFile
+from .routing_stats import RoutingCollector, RoutingStats, has_moba_layers, max_blocks, probing
+from .throughput import StepTiming, Throughput, reset_peak_memory
+
 log = logging.getLogger(__name__)
+
+__all__ = ["Tracker", "StepTiming", "RoutingStats"]
 
 
 class Tracker:
-    def __init__(self, cfg, output_dir: Path, is_main: bool, resume_step: int = 0, run_id: str | None = None):
+    def __init__(self, cfg, output_dir: Path, is_main: bool, resume_step: int = 0, run_id: str | None = None,
+                 model=None, world: int = 1):
+        self.cfg = cfg
         self.is_main = is_main
         self.output_dir = output_dir
-        self.metrics_path = output_dir / "metrics.jsonl"
+        self.metrics = MetricsFile(output_dir / FILE_NAME)
+        self.metrics_path = self.metrics.path
         self.losses: list[float] = []
         self.run_id = run_id
         self._wandb = None
-        self._last_time = time.perf_counter()
+        self._collector: RoutingCollector | None = None
+        self._stage_perf: dict[str, float] = {}
+        self.throughput = (Throughput(model, world, cfg.logger.peak_tflops, measure_peak=is_main)
+                           if model is not None else None)
         if not is_main:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate(resume_step)
+        kept = self.metrics.truncate_after(resume_step)
+        self.losses = [r["loss"] for r in kept if r.get("kind") == "train" and r.get("loss") is not None]
         if cfg.logger.wandb:
-            self._wandb = _start_wandb(cfg, output_dir, run_id)
+            self._wandb = wandb_run.start(cfg, output_dir, run_id, config=asdict(cfg))
             self.run_id = self._wandb.id if self._wandb is not None else run_id
+        if self.throughput is not None and self.throughput.peak is not None:
+            log.info("MFU against %.1f TFLOP/s per device (%s)", self.throughput.peak.tflops,
+                     self.throughput.peak.source)
 
-    def _truncate(self, step: int) -> None:
-        """Keep only records up to `step` (a fresh run keeps none)."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue                              # a line torn by a kill mid-write
-            if rec.get("step", 0) <= step:
-                kept.append(line)
-                if rec.get("kind") == "train" and rec.get("loss") is not None:
-                    self.losses.append(rec["loss"])
-        self.metrics_path.write_text("".join(l + "\n" for l in kept))
-
+    # ---------------------------------------------------------------- records
     def _write(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            self.metrics.append(record)
 
-    def stage_started(self, index: int, stage, plan) -> None:
-        self._last_time = time.perf_counter()
+    def _log(self, values: dict, step: int) -> None:
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def stage_started(self, index: int, stage, plan, step: int = 0) -> None:
+        if self.throughput is not None:
+            reset_peak_memory(self.throughput.device)
+        self._stage_perf = {"flops": 0.0, "seconds": 0.0, "data_seconds": 0.0, "peak_memory_gib": 0.0}
         self._write({"kind": "stage_start", "stage_index": index, "stage": stage.name, "seq_len": stage.seq_len,
-                     "mode": stage.mode, "plan": plan.describe(), "step": -1})
+                     "mode": stage.mode, "plan": plan.describe(), "step": step})
 
-    def log_step(self, step: int, index: int, stage, result, lr: float, plan) -> None:
-        now = time.perf_counter()
-        seconds, self._last_time = now - self._last_time, now
+    # ---------------------------------------------------------------- routing statistics
+    def routing_probe(self, model, plan, stage_step: int, global_step: int, seq_len: int):
+        """A context for the coming training step: probes MoBA routing on the first step of each stage
+        and every `logger.routing_stats_every` steps; otherwise does nothing. Same decision on every rank."""
+        every = self.cfg.logger.routing_stats_every
+        sampled = every > 0 and (stage_step == 0 or global_step % every == 0)
+        if not sampled or not has_moba_layers(plan):
+            return contextlib.nullcontext()
+        block = plan.config["block_size"]
+        self._collector = RoutingCollector(plan.num_layers, max_blocks(seq_len, block),
+                                           self.cfg.logger.routing_stats_queries)
+        return probing(model, plan, self._collector)
+
+    def _routing(self, step: int, index: int, stage) -> dict:
+        if self._collector is None:
+            return {}
+        stats, self._collector = self._collector.result(), None
+        self._write({"kind": "routing", "step": step, "stage_index": index, "stage": stage.name,
+                     **asdict(stats), "mean_distance": stats.mean_distance})
+        values = {"routing/mean_block_distance": stats.mean_distance, "routing/mass_captured": stats.mass_captured,
+                  wandb_run.section(stage.name, "routing_mass_captured"): stats.mass_captured}
+        if self._wandb is not None:
+            import wandb
+
+            counts = stats.distance_counts
+            last = max((d for d, c in enumerate(counts) if c), default=1)
+            # one bin per distance 1..last
+            values["routing/block_distance"] = wandb.Histogram(np_histogram=(counts[1:last + 1],
+                                                                             list(range(1, last + 2))))
+        return values
+
+    # ---------------------------------------------------------------- steps
+    def log_step(self, step: int, index: int, stage, result, lr: float, plan, *, packs: list[dict] | None = None,
+                 sp: int = 1, timing: StepTiming | None = None) -> None:
+        speed = (self.throughput.measure(packs, plan, sp, result.tokens, timing)
+                 if self.throughput is not None and packs is not None and timing is not None else {})
+        routing = self._routing(step, index, stage)
+        if speed and self._stage_perf:
+            perf = self._stage_perf
+            perf["flops"] += speed["flops"]
+            perf["seconds"] += timing.seconds
+            perf["data_seconds"] += timing.data_seconds
+            perf["peak_memory_gib"] = max(perf["peak_memory_gib"], speed["peak_memory_gib"])
         loss = None if result.skipped else result.loss
-        if loss is not None:
+        if self.is_main and loss is not None:
             self.losses.append(loss)
         record = {"kind": "train", "step": step, "stage_index": index, "stage": stage.name, "seq_len": stage.seq_len,
                   "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
-                  "target_tokens": result.target_tokens, "tokens_per_s": result.tokens / max(seconds, 1e-9),
-                  "step_seconds": seconds, "skipped": result.skipped, "plan": plan.describe()}
+                  "target_tokens": result.target_tokens, "skipped": result.skipped, "plan": plan.describe(), **speed}
         self._write(record)
-        if self._wandb is not None:
-            self._wandb.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
-                             "train/tokens_per_s": record["tokens_per_s"], "train/stage_index": index,
-                             f"stage/{stage.name}/loss": loss}, step=step)
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                  "train/stage_index": index, "train/stage": stage.name, "train/seq_len": stage.seq_len,
+                  wandb_run.section(stage.name, "loss"): loss, **routing}
+        values.update({f"perf/{k}": v for k, v in speed.items() if k != "peak_memory_kind"})
+        self._log(values, step)
 
+    # ---------------------------------------------------------------- evaluations
     def log_eval(self, step: int, index: int, stage, ev) -> None:
         self._write({"kind": "eval", "step": step, "stage_index": index, "stage": stage.name, **asdict(ev)})
-        if self._wandb is not None:
-            self._wandb.log({"eval/loss": ev.mean_loss, "eval/tail_loss": ev.tail_loss,
-                             f"stage/{stage.name}/val_loss": ev.mean_loss,
-                             f"stage/{stage.name}/tail_loss": ev.tail_loss}, step=step)
+        self._log({"eval/loss": ev.mean_loss, "eval/tail_loss": ev.tail_loss,
+                   wandb_run.section(stage.name, "val_loss"): ev.mean_loss,
+                   wandb_run.section(stage.name, "tail_loss"): ev.tail_loss}, step)
 
-    def stage_finished(self, index: int, summary) -> None:
-        self._write({"kind": "stage_end", "stage_index": index, "step": -1, **asdict(summary)})
+    def log_passkey(self, step: int, index: int, stage, result) -> None:
+        self._write({"kind": "passkey", "step": step, "stage_index": index, "stage": stage.name, **asdict(result)})
+        self._log({"eval/passkey_accuracy": result.accuracy,
+                   wandb_run.section(stage.name, "passkey_accuracy"): result.accuracy}, step)
 
-    def finish(self) -> None:
+    def stage_finished(self, index: int, summary, step: int = 0) -> None:
+        """Record the stage's summary, its speed figures filled in from the steps this process ran."""
+        perf = self._stage_perf
+        if perf.get("seconds"):
+            world = self.throughput.world
+            summary.tflops_per_gpu = perf["flops"] / perf["seconds"] / 1e12 / world
+            summary.data_wait_share = perf["data_seconds"] / perf["seconds"]
+            summary.peak_memory_gib = perf["peak_memory_gib"]
+            if self.throughput.peak is not None:
+                summary.mfu = summary.tflops_per_gpu / self.throughput.peak.tflops
+        self._write({"kind": "stage_end", "stage_index": index, **asdict(summary), "step": step})
+
+    def log_plots(self, paths: dict[str, Path], step: int) -> None:
+        if self._wandb is None or not paths:
+            return
+        import wandb
+
+        self._log({f"plots/{name}": wandb.Image(str(path)) for name, path in paths.items()}, step)
+
+    def finish(self, failed: bool = False) -> None:
         if self._wandb is not None:
-            self._wandb.finish()
+            wandb_run.finish(self._wandb, failed)
             self._wandb = None
-
-
-def _start_wandb(cfg, output_dir: Path, run_id: str | None):
-    mode = cfg.logger.mode or os.environ.get("WANDB_MODE") or "offline"
-    if mode == "disabled":
-        return None
-    import wandb
-
-    run = wandb.init(project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name or cfg.run_name,
-                     dir=str(output_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
-                     config=asdict(cfg))
-    return run

@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..ops.moba.layout import compute_dtype
 from .decode_cache import BlockMeans
 from .plan import LayerAttention
 
@@ -92,8 +91,9 @@ def _attend_moba_chunk(q, key, value, first_slot: int, means: BlockMeans, n_extr
     Hkv = key.shape[1]
     group = Hq // Hkv
     device = key.device
-    cdt = compute_dtype(q.dtype)
     padding_queries = first_slot < max(means.pad)       # a row whose sequence starts after this chunk's first slot
+    # Earlier blocks of the chunk's first query in the row with most padding: the fewest any query has.
+    fewest_candidates = max(first_slot - max(means.pad), 0) // block_size
     slot = torch.arange(first_slot, first_slot + C, device=device)                        # [C]
     position = slot[None, :] - means.pad_slots[:, None]                                   # [B, C]; < 0: padding
     own = position.clamp_min(0) // block_size                                             # [B, C]
@@ -105,25 +105,29 @@ def _attend_moba_chunk(q, key, value, first_slot: int, means: BlockMeans, n_extr
         scores = torch.einsum("bhgcd,bhnd->bhgcn", q_gate, means.means[:, :, :n])
         later = torch.arange(n, device=device)[None, None, :] >= own[:, :, None]          # [B, C, n]
         scores.masked_fill_(later[:, None, None], float("-inf"))
-        top, idx = scores.topk(n_extra, dim=-1)
-        blocks = torch.cat([torch.where(torch.isfinite(top), idx, -1), blocks], dim=-1)  # [B, Hkv, g, C, E+1]
+        top, picked = scores.topk(n_extra, dim=-1)
+        if fewest_candidates < n_extra:   # some query has fewer earlier blocks: its surplus picks are -inf
+            picked = torch.where(torch.isfinite(top), picked, -1)
+        blocks = torch.cat([picked, blocks], dim=-1)                                      # [B, Hkv, g, C, E+1]
 
     key_slot = (means.pad_slots[:, None, None, None, None, None] + blocks[..., None] * block_size
                 + _arange(block_size, device))                                            # [B, Hkv, g, C, E+1, bs]
-    valid = (blocks[..., None] >= 0) & (key_slot <= slot[None, None, None, :, None, None])
+    valid = key_slot <= slot[None, None, None, :, None, None]   # causal in the own block; picked blocks lie before
+    if fewest_candidates < n_extra:
+        valid &= blocks[..., None] >= 0
     if padding_queries:
         valid &= (position >= 0)[:, None, None, :, None, None]
     width = blocks.shape[-1] * block_size
-    k_sel, v_sel = _gather(key, value, key_slot.masked_fill(~valid, 0).reshape(B, Hkv, group * C * width))
-    valid = valid.view(B, Hkv, group, C, width)
+    # Masked slots may read any key: clamp them into the cache.
+    k_sel, v_sel = _gather(key, value, key_slot.clamp(0, key.shape[2] - 1).reshape(B, Hkv, group * C * width))
 
-    q_att = q.to(cdt).reshape(B, Hkv, group, C, D)
-    logits = torch.einsum("bhgcd,bhgcwd->bhgcw", q_att, k_sel.view(B, Hkv, group, C, width, D).to(cdt)) * scale
-    probs = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    attn_rows = B * Hq * C   # one attention row per (batch row, query head, query), over its `width` gathered keys
+    mask = valid.view(attn_rows, 1, 1, width)
+    out = F.scaled_dot_product_attention(q.reshape(attn_rows, 1, 1, D), k_sel.view(attn_rows, 1, width, D),
+                                         v_sel.view(attn_rows, 1, width, D), attn_mask=mask, scale=scale)
     if padding_queries:                                                                   # they see no key: 0
-        probs = probs.masked_fill(~valid.any(-1, keepdim=True), 0.0)
-    out = torch.einsum("bhgcw,bhgcwd->bhgcd", probs, v_sel.view(B, Hkv, group, C, width, D).to(cdt))
-    return out.reshape(B, Hq, C, D).transpose(1, 2).to(q.dtype)
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.view(B, Hq, C, D).transpose(1, 2)
 
 
 def _attend_moba(query, key, value, key_valid, layer, softmax_scale, block_means: BlockMeans | None) -> torch.Tensor:

@@ -73,7 +73,7 @@ def loss_by_position(records: list[dict], path: Path) -> Path | None:
                 label=f"{r['stage']} @ step {r['step']} (mean {r['mean_loss']:.3f}{tail})")
     ax.set_xlabel("token position in the document")
     ax.set_ylabel("validation loss")
-    ax.set_xscale("symlog", linthresh=256)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:,.0f}")
     ax.set_title("validation loss by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

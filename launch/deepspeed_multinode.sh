@@ -6,11 +6,10 @@
 #   DRY_RUN=1 HOSTFILE=hostfile launch/deepspeed_multinode.sh model.path=/models/Llama-3.1-8B   # check first
 #
 # The hostfile lists one host per line with its GPU count: `node1 slots=8` (launch/hostfile.example).
-# Every host needs the same paths: this repository, its virtual environment, the model and the cache.
+# Every host needs the same paths: the current directory, the virtual environment, the model, the cache.
 # Extra arguments are moba-train overrides (key=value). Environment: see docs/launch.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 RECIPE=${RECIPE:-llama3_8b_128k_to_1m}
 HOSTFILE=${HOSTFILE:-hostfile}
@@ -27,8 +26,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 
 dry_run_or_continue "$RECIPE" "$NODES" "$GPUS_PER_NODE" "$@"
 
-# DeepSpeed reads .deepspeed_env (KEY=VALUE lines, nothing else) from this directory and exports them on
-# every host; NCCL_* and PYTHON* variables are forwarded by the launcher itself.
+# DeepSpeed reads .deepspeed_env (KEY=VALUE lines, nothing else) from the current directory and exports
+# them on every host (which run in this same directory: it must exist there too); NCCL_* and PYTHON* variables are forwarded by the launcher itself.
 : > .deepspeed_env
 for name in "${MOBA_TRAIN_ENV_VARS[@]}"; do
   if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >> .deepspeed_env; fi

@@ -7,8 +7,7 @@
 #
 # Extra arguments are moba-train overrides (key=value). Environment: see docs/launch.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 RECIPE=${RECIPE:-llama3_8b_128k_to_1m}
 NNODES=${NNODES:-4}

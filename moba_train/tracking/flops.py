@@ -75,9 +75,12 @@ class ModelShape:
         return cls(linear, cfg.num_hidden_layers, heads, head_dim)
 
 
-def step_flops(shape: ModelShape, packs: list[dict], plan) -> float:
-    """FLOPs of one training step over `packs` (whole, unsharded packs) with `plan` at its current progress."""
-    tokens = sum(p["input_ids"].numel() for p in packs)
+def matmul_flops(shape: ModelShape, tokens: int) -> float:
+    return TRAIN_PASSES * 2 * shape.linear_weights * tokens
+
+
+def attention_flops(shape: ModelShape, packs: list[dict], plan) -> float:
+    """Attention FLOPs of one training step over `packs` with `plan` at its current progress."""
     lengths = [n for p in packs for n in doc_lengths(p)]
     per_mode: dict[tuple, AttentionWork] = {}
     work = AttentionWork()
@@ -89,9 +92,13 @@ def step_flops(shape: ModelShape, packs: list[dict], plan) -> float:
                              else full_work(lengths))
         work = work + per_mode[key]
     hd = shape.heads * shape.head_dim
-    return (TRAIN_PASSES * 2 * shape.linear_weights * tokens
-            + TRAIN_PASSES * PAIR_FLOPS_FORWARD * hd * work.pairs
-            + GATE_FLOPS_FORWARD * hd * work.gate)
+    return TRAIN_PASSES * PAIR_FLOPS_FORWARD * hd * work.pairs + GATE_FLOPS_FORWARD * hd * work.gate
+
+
+def step_flops(shape: ModelShape, packs: list[dict], plan) -> float:
+    """FLOPs of one training step over `packs` (whole, unsharded packs) with `plan` at its current progress."""
+    tokens = sum(p["input_ids"].numel() for p in packs)
+    return matmul_flops(shape, tokens) + attention_flops(shape, packs, plan)
 
 
 # Dense peak TFLOP/s per device: (bf16/fp16 tensor cores, fp32 without TF32). Matched by substring in

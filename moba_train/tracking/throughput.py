@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .flops import ModelShape, Peak, device_peak, step_flops
+from .flops import ModelShape, Peak, attention_flops, device_peak, matmul_flops
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class Throughput:
     def measure(self, packs: list[dict], plan, sp: int, tokens: int, timing: StepTiming) -> dict:
         """Every rank calls this (the step's FLOPs are summed over ranks). `packs` are this rank's whole
         packs before the sequence-parallel split; `sp` ranks share each, so the sum is divided by sp."""
-        flops = _sum_over_ranks(step_flops(self.shape, packs, plan)) / sp
+        attention = _sum_over_ranks(attention_flops(self.shape, packs, plan)) / sp
+        flops = matmul_flops(self.shape, tokens) + attention
         seconds = max(timing.seconds, 1e-9)
         tokens_per_s = tokens / seconds
         achieved = flops / seconds / 1e12
@@ -62,6 +63,7 @@ class Throughput:
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_gpu": tokens_per_s / self.world,
             "flops": flops,
+            "attention_flops": attention,
             "tflops_per_s": achieved,
             "tflops_per_s_per_gpu": achieved / self.world,
             "data_wait_share": timing.data_seconds / seconds,

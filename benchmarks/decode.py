@@ -12,7 +12,7 @@ Two levels per context length L:
 
 CPU (small, fp32):
     python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
-GPU (the sizes of docs/benchmarks.md):
+GPU (the sizes of docs/benchmarks.md; --model llama3.2-1b for a larger decoder):
     python benchmarks/decode.py --device cuda --dtype bf16 --contexts 32768 131072
 Prints a markdown table; --out appends JSON lines.
 """
@@ -40,6 +40,10 @@ MODELS = {
     # SmolLM2-135M's shape (the demo model): 30 layers, 9 query / 3 KV heads of 64, vocabulary 49,152.
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # Llama-3.2-1B's shape: 16 layers, 32 query / 8 KV heads of 64, vocabulary 128,256.
+    "llama3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                        tie_word_embeddings=True),
     "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
 }
@@ -153,6 +157,11 @@ def main():
               "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk}
     print(f"# {json.dumps(header)}")
     print(f"attention level: heads {args.heads[0]}/{args.heads[1]} x {args.head_dim}; model level: {args.model}")
+    if "attention" in args.levels:
+        # Untimed pass at the longest context: otherwise the first cases of a process pay one-off costs
+        # (lazy inits; on CPU, glibc's mmap threshold, which rises only once large blocks have been freed).
+        for mode in args.modes:
+            bench_attention(max(args.contexts), mode, args)
     print("| context | level | decode | ms/token | tokens/s | vs full | state build ms | prefill s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for L in args.contexts:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import moba_train.models.cached_attention as cached_attention
 import moba_train.models.decode_cache as decode_cache
 from moba_train.models import AttentionPlan, LayerAttention
+from moba_train.models.plan import DECODE_MODES
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.ops import moba_attn_varlen
@@ -219,6 +220,7 @@ def test_plan_decode_key_default_and_validation():
     assert dense.describe() == "moba(b4,k2,decode=full) layers 0-1"
     with pytest.raises(ValueError, match=r"decode must be one of \['moba', 'full'\].*got 'sparse'"):
         AttentionPlan.from_config({**MOBA, "decode": "sparse"}, 2)
+    assert set(DECODE_MODES) == set(cached_attention.CACHED_ATTENTION)   # every mode the plan accepts runs
 
 
 LAYOUTS = {

@@ -1,0 +1,57 @@
+"""`moba-train mode=eval checkpoint=...` on a tiny run's Hugging Face export and on its last checkpoint."""
+
+import pytest
+
+from tests.tracking.moba_cli import moba_train, records
+
+FAST = ["recipe=tiny", "eval.passkey.depths=[0.5]", "eval.passkey.lengths=[256]"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalmode")
+    moba_train([*FAST, "debug.max_steps_per_stage=1", "eval.plots=false", f"paths.output_dir={tmp / 'run'}"], tmp)
+    return tmp
+
+
+def evaluate(tmp, checkpoint, name):
+    out = tmp / name
+    res = moba_train([*FAST, "mode=eval", f"checkpoint={checkpoint}", f"paths.output_dir={out}"], tmp)
+    return res, out / "eval"
+
+
+def test_export_and_checkpoint_evaluate_alike(trained):
+    run = trained / "run"
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    res_hf, hf = evaluate(trained, run / "hf_model", "from_hf")
+    res_ckpt, ckpt = evaluate(trained, latest, "from_ckpt")
+    assert "Hugging Face directory" in res_hf.stdout and "training checkpoint" in res_ckpt.stdout
+    for out in (hf, ckpt):
+        evals = records(out / "metrics.jsonl", "eval")
+        assert [r["stage"] for r in evals] == ["short", "long", "sft"]
+        assert [len(r["bucket_loss"]) for r in evals] == [16, 16, 16]
+        passkey = records(out / "metrics.jsonl", "passkey")
+        assert len(passkey) == 1 and passkey[0]["lengths"] == [256] and len(passkey[0]["accuracy_grid"]) == 1
+        assert sorted(p.name for p in (out / "plots").iterdir()) == ["loss_by_position.png", "passkey_heatmap.png"]
+    # same weights, RoPE and attention plan: the same losses, bucket by bucket
+    for a, b in zip(records(hf / "metrics.jsonl", "eval"), records(ckpt / "metrics.jsonl", "eval")):
+        assert [x is None for x in a["bucket_loss"]] == [x is None for x in b["bucket_loss"]]
+        assert [x for x in a["bucket_loss"] if x is not None] == pytest.approx(
+            [x for x in b["bucket_loss"] if x is not None], rel=1e-5)
+        assert a["tail_loss"] == pytest.approx(b["tail_loss"], rel=1e-5)
+    assert not (trained / "from_hf" / ".hydra").exists()
+
+
+def test_bad_checkpoint_path_is_refused_with_the_fix(tmp_path):
+    res = moba_train([*FAST, "mode=eval", f"checkpoint={tmp_path}"], tmp_path, check=False)
+    assert res.returncode != 0
+    assert "neither a Hugging Face model directory" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("args,message", [(["mode=eval"], "mode=eval needs checkpoint="),
+                                          (["checkpoint=/x"], "only used with mode=eval"),
+                                          (["mode=sample"], "not one of train, eval")],
+                         ids=["eval-without-checkpoint", "checkpoint-without-eval", "unknown-mode"])
+def test_invalid_invocations(tmp_path, args, message):
+    res = moba_train(["recipe=tiny", *args], tmp_path, check=False)
+    assert res.returncode != 0 and message in res.stderr

@@ -1,0 +1,86 @@
+"""Passkey haystacks (exact length, key at its depth) and scoring by greedy generation."""
+
+import re
+
+import pytest
+import torch
+
+from moba_train.eval.passkey import NEEDLE, QUESTION, Haystacks, passkey_lengths, run_passkey, trial_key
+from moba_train.models import AttentionPlan, attach_plan, build_from_config
+
+
+def find(seq: list[int], sub: list[int]) -> int:
+    return next(i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub)
+
+
+@pytest.fixture(scope="module")
+def haystacks(lee_bpe):
+    return Haystacks(lee_bpe)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0], ids=lambda d: f"depth{d}")
+@pytest.mark.parametrize("length", [256, 1000, 4096], ids=lambda n: f"len{n}")
+def test_haystack_is_exact_and_holds_the_key_at_its_depth(haystacks, lee_bpe, length, depth):
+    key = trial_key(0, length, depth, 0)
+    ids = haystacks.build(length, depth, key)
+    assert len(ids) == length
+    needle = lee_bpe(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    question = lee_bpe(QUESTION, add_special_tokens=False)["input_ids"]
+    assert ids[-len(question):] == question and ids[:len(haystacks.prefix)] == haystacks.prefix
+    filler = length - len(haystacks.prefix) - len(needle) - len(question)
+    at = find(ids, needle) - len(haystacks.prefix)
+    longest_sentence = max(len(s) for s in haystacks.sentences)
+    assert abs(at - depth * filler) <= longest_sentence / 2 + 1       # the nearest sentence boundary
+    assert lee_bpe.decode(ids).count(key) == 2
+
+
+def test_haystack_too_short_names_the_minimum(haystacks):
+    with pytest.raises(ValueError, match="use lengths >="):
+        haystacks.build(20, 0.5, "12345")
+
+
+def test_keys_are_deterministic_five_digit_numbers():
+    keys = {trial_key(0, n, d, s) for n in (256, 512) for d in (0.1, 0.9) for s in range(3)}
+    assert len(keys) == 12 and all(re.fullmatch(r"[1-9]\d{4}", k) for k in keys)
+    assert trial_key(3, 256, 0.5, 1) == trial_key(3, 256, 0.5, 1)
+
+
+def test_lengths_up_to_the_stage_and_the_cap():
+    assert passkey_lengths(None, 4096, 2048) == ([], [4096])
+    assert passkey_lengths([512, 1024, 8192], 4096, 1024) == ([512, 1024], [])
+    assert passkey_lengths([256, 2048], None, 1024) == ([256], [2048])
+
+
+class KeyReader(torch.nn.Module):
+    """Stands in for a model that retrieves perfectly: it 'generates' the key found in its prompt."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+        key = re.search(r"pass key is (\d+)", self.tokenizer.decode(input_ids[0])).group(1)
+        answer = self.tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, answer[:, :generation_config.max_new_tokens]], dim=1)
+
+
+def test_scoring_counts_the_first_generated_number(lee_bpe, haystacks):
+    result = run_passkey(KeyReader(lee_bpe), lee_bpe, [256, 512], [0.2, 0.8], samples=2, haystacks=haystacks)
+    assert result.accuracy == 1.0 and result.accuracy_grid == [[1.0, 1.0], [1.0, 1.0]]
+    assert all(t.correct and t.answer.strip().startswith(t.key) for t in result.trials)
+
+
+def test_tiny_moba_model_generates_and_the_result_has_the_grid_shape(lee_bpe, haystacks):
+    model = build_from_config(dict(model_type="llama", vocab_size=len(lee_bpe), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), seed=0)
+    attach_plan(model, AttentionPlan.from_config({"block_size": 64, "topk": 2, "moba_layers": "all"}, 2))
+    model.train()
+    rng = torch.get_rng_state()
+    result = run_passkey(model, lee_bpe, [256, 384], [0.1, 0.5, 0.9], haystacks=haystacks)
+    assert torch.equal(torch.get_rng_state(), rng)            # greedy: the training RNG stream is untouched
+    assert model.training                                     # restored after evaluation
+    assert len(result.trials) == 6
+    assert [len(row) for row in result.accuracy_grid] == [2, 2, 2]
+    assert all(a in (0.0, 1.0) for row in result.accuracy_grid for a in row)
+    assert all(isinstance(t.answer, str) and t.answer for t in result.trials)

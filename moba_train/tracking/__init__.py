@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 __all__ = ["Tracker", "StepTiming", "RoutingStats"]
 
 
+WANDB_MAX_BINS = 512
+
+
+def distance_bins(counts: list[int]) -> tuple[list[int], list[int]]:
+    """(counts, edges) over distances 1..the farthest chosen, one bin per distance, or per run of
+    neighbouring distances when there are more than wandb's 512 bins."""
+    last = max((d for d, c in enumerate(counts) if c), default=1)
+    width = -(-last // WANDB_MAX_BINS)
+    edges = list(range(1, last + 1, width)) + [last + 1]
+    return [sum(counts[a:b]) for a, b in zip(edges, edges[1:])], edges
+
+
 class Tracker:
     def __init__(self, cfg, output_dir: Path, is_main: bool, resume_step: int = 0, run_id: str | None = None,
                  model=None, world: int = 1):
@@ -87,11 +99,7 @@ class Tracker:
         if self._wandb is not None:
             import wandb
 
-            counts = stats.distance_counts
-            last = max((d for d, c in enumerate(counts) if c), default=1)
-            # one bin per distance 1..last
-            values["routing/block_distance"] = wandb.Histogram(np_histogram=(counts[1:last + 1],
-                                                                             list(range(1, last + 2))))
+            values["routing/block_distance"] = wandb.Histogram(np_histogram=distance_bins(stats.distance_counts))
         return values
 
     # ---------------------------------------------------------------- steps

@@ -5,6 +5,7 @@ import torch
 
 from moba_train.models import AttentionPlan, attach_plan, attention_modules, build_from_config
 from moba_train.ops.moba import build_layout, select_blocks
+from moba_train.tracking import distance_bins
 from moba_train.tracking.routing_stats import RoutingCollector, probing
 
 
@@ -74,3 +75,13 @@ def test_probe_leaves_the_output_unchanged_and_reports_each_moba_layer_once():
     assert stats.sampled_queries == 2 * 8
     assert sum(stats.distance_counts) == 2 * 4 * sum(min(1, i) * 16 for i in range(6))   # layers x heads x queries
     assert all(m.attention_plan is plan for m in attention_modules(model))        # restored after the block
+
+
+@pytest.mark.parametrize("farthest", [1, 7, 512, 513, 5000], ids=lambda n: f"farthest{n}")
+def test_distance_histogram_fits_wandb_and_keeps_every_count(farthest):
+    counts = [0] + [d % 3 + 1 for d in range(1, farthest + 1)]
+    hist, edges = distance_bins(counts)
+    assert len(hist) <= 512 and len(edges) == len(hist) + 1 and sum(hist) == sum(counts)
+    assert edges[0] == 1 and edges[-1] == farthest + 1
+    if farthest <= 512:
+        assert hist == counts[1:]                                    # one bin per distance

@@ -56,7 +56,7 @@ class Tracker:
             self._wandb = wandb_run.start(cfg, output_dir, run_id, config=asdict(cfg))
             self.run_id = self._wandb.id if self._wandb is not None else run_id
         if self.throughput is not None and self.throughput.peak is not None:
-            log.info("MFU against %.1f TFLOP/s per device (%s)", self.throughput.peak.tflops,
+            log.info("MFU against %.3g TFLOP/s per device (%s)", self.throughput.peak.tflops,
                      self.throughput.peak.source)
 
     # ---------------------------------------------------------------- records
@@ -71,6 +71,8 @@ class Tracker:
     def stage_started(self, index: int, stage, plan, step: int = 0) -> None:
         if self.throughput is not None:
             reset_peak_memory(self.throughput.device)
+            if index > 0 or step > 0:          # the first stage starts with a fresh measurement
+                self.throughput.refresh_peak()
         self._stage_perf = {"flops": 0.0, "seconds": 0.0, "data_seconds": 0.0, "peak_memory_gib": 0.0}
         self._write({"kind": "stage_start", "stage_index": index, "stage": stage.name, "seq_len": stage.seq_len,
                      "mode": stage.mode, "plan": plan.describe(), "step": step})

@@ -122,6 +122,7 @@ PEAK_TFLOPS: list[tuple[str, float, float]] = [
 class Peak:
     tflops: float               # per device
     source: str                 # where the number comes from (logged with the run)
+    measured: bool = False      # a measured rate: re-measured at stage starts, the best one kept
 
 
 def measured_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int = 2048, reps: int = 3) -> float:
@@ -151,5 +152,5 @@ def device_peak(configured: float | None, dtype: torch.dtype, device: torch.devi
     else:
         what = f"{device.type} has no data-sheet peak"
     rate = measured_matmul_tflops(dtype, device)
-    return Peak(rate, f"measured {str(dtype).replace('torch.', '')} matmul rate ({what}; set logger.peak_tflops "
-                      f"to use a data-sheet number)")
+    return Peak(rate, f"best measured {str(dtype).replace('torch.', '')} matmul rate ({what}; set "
+                      f"logger.peak_tflops to use a data-sheet number)", measured=True)

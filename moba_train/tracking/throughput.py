@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .flops import ModelShape, Peak, attention_flops, device_peak, matmul_flops
+from .flops import ModelShape, Peak, attention_flops, device_peak, matmul_flops, measured_matmul_tflops
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,16 @@ class Throughput:
         param = next(model.parameters())
         self.device = param.device
         # Only the rank that logs needs the peak; measuring it costs a few matmuls.
+        self.dtype = param.dtype
         self.peak: Peak | None = device_peak(configured_peak, param.dtype, self.device) if measure_peak else None
+
+    def refresh_peak(self) -> None:
+        """A measured peak (CPUs) is only as good as the moment it was taken: on a shared machine a busy
+        moment gives a low rate, and MFU above 100% later. Measure again and keep the best."""
+        if self.peak is not None and self.peak.measured:
+            rate = measured_matmul_tflops(self.dtype, self.device)
+            if rate > self.peak.tflops:
+                self.peak = dataclasses.replace(self.peak, tflops=rate)
 
     def measure(self, packs: list[dict], plan, sp: int, tokens: int, timing: StepTiming) -> dict:
         """Every rank calls this (the step's FLOPs are summed over ranks). `packs` are this rank's whole
@@ -72,5 +82,6 @@ class Throughput:
             "peak_memory_kind": memory_kind,
         }
         if self.peak is not None:
+            out["peak_tflops"] = self.peak.tflops
             out["mfu"] = achieved / (self.peak.tflops * self.world)
         return out

@@ -96,7 +96,7 @@ def test_train_records_carry_speed_flops_mfu_memory_and_data_wait(resumed_run):
         causal_bound = 3 * 4 * h * layers * r["seq_len"] * (r["seq_len"] + 1) / 2 * 1.5   # + gate scores
         assert 0 < r["attention_flops"] < causal_bound
         assert r["tflops_per_s"] == pytest.approx(r["flops"] / r["step_seconds"] / 1e12)
-        assert r["mfu"] == pytest.approx(r["tflops_per_s"] / PEAK_TFLOPS)
+        assert r["peak_tflops"] == PEAK_TFLOPS and r["mfu"] == pytest.approx(r["tflops_per_s"] / PEAK_TFLOPS)
         assert 0 <= r["data_wait_share"] <= 1
         assert r["peak_memory_gib"] > 0 and r["peak_memory_kind"] == "max_rss"
 

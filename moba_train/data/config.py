@@ -71,10 +71,11 @@ class StageDataConfig:
                                           # None: whatever share they have naturally
 
 
-def parse_data_config(raw: Any, where: str = "data") -> DataConfig:
-    """A `data:` mapping (or a DataConfig) to a validated DataConfig."""
+def parse_data_config(raw: Any, where: str = "data", used: list[str] | None = None) -> DataConfig:
+    """A `data:` mapping (or a DataConfig) to a validated DataConfig. Sources outside `used` (None: all)
+    are checked for their schema only, so an unused source need not exist on this machine."""
     cfg = raw if isinstance(raw, DataConfig) else from_dict(DataConfig, _plain(raw), where)
-    check_data_config(cfg, where)
+    check_data_config(cfg, where, used)
     return cfg
 
 
@@ -93,7 +94,7 @@ def _plain(raw: Any) -> Any:
     return OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
 
 
-def check_data_config(cfg: DataConfig, where: str = "data") -> None:
+def check_data_config(cfg: DataConfig, where: str = "data", used: list[str] | None = None) -> None:
     from moba_train.data.sources import FORMATS   # the registry lives with the readers
 
     if not cfg.sources:
@@ -102,7 +103,8 @@ def check_data_config(cfg: DataConfig, where: str = "data") -> None:
         at = f"{where}.sources.{name}"
         if src.format not in FORMATS:
             raise ConfigError(f"{at}.format: unknown format {src.format!r}; choose one of {sorted(FORMATS)}")
-        FORMATS[src.format].check(src, at)
+        if used is None or name in used:
+            FORMATS[src.format].check(src, at)
         if src.sample_by not in SAMPLE_BY:
             raise ConfigError(f"{at}.sample_by: {src.sample_by!r} is not one of {list(SAMPLE_BY)}")
         if not 0 <= src.holdout_fraction < 1:

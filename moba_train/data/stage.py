@@ -33,20 +33,30 @@ def build_stage_data(data: DataConfig | dict, stage: StageDataConfig | dict, tok
 
     `where` names the stage in error messages (e.g. "stages[1] (ctx32k)").
     """
-    data = parse_data_config(data)
-    stage = parse_stage_data_config(stage, f"{where}.data")
-    if mode not in MODES:
-        raise ConfigError(f"{where}.mode must be one of {list(MODES)}, got {mode!r}")
+    data, stage, names = check_stage_data(data, stage, seq_len=seq_len, mode=mode, where=where)
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"{where}: need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got "
                           f"{micro_batch_size}, {dp_rank}, {dp_size}")
-    check_stage_against_sources(stage, data, seq_len, f"{where}.data")
-    names = _mixed_sources(stage, data, mode, where)
     backend_tokenizer(tokenizer)   # fail on a slow tokenizer before reading anything
     tokenized = {name: open_source(name, data.sources[name], tokenizer, data, cache_dir) for name in names}
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     return StageData(data, stage, tokenized, seq_len=seq_len, micro_batch_size=micro_batch_size, mode=mode,
                      seed=seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id, where=where)
+
+
+def check_stage_data(data: DataConfig | dict, stage: StageDataConfig | dict, *, seq_len: int, mode: str,
+                     where: str = "stage") -> tuple[DataConfig, StageDataConfig, list[str]]:
+    """Everything about a stage's data that can fail before reading it: schemas, the mix against the
+    sources, and that each source the stage mixes exists here. The trainer runs it for every stage at
+    start-up, so a bad source of the last stage fails before the first step, not hours later."""
+    data = parse_data_config(data, used=[])
+    stage = parse_stage_data_config(stage, f"{where}.data")
+    if mode not in MODES:
+        raise ConfigError(f"{where}.mode must be one of {list(MODES)}, got {mode!r}")
+    check_stage_against_sources(stage, data, seq_len, f"{where}.data")
+    names = _mixed_sources(stage, data, mode, where)
+    data = parse_data_config(data, used=names)
+    return data, stage, names
 
 
 def _mixed_sources(stage: StageDataConfig, data: DataConfig, mode: str, where: str) -> list[str]:
@@ -123,14 +133,19 @@ class StageData:
             if not len(docs):
                 raise DataError(f"source {name!r}: all {self.sources[name].n_docs} documents are held out; lower "
                                 f"data.sources.{name}.holdout_fraction")
-            if stage.overflow == "drop":
+            # A conversation cut in two would leave a piece of prompt without its answer (a pack without
+            # targets) and an answer without its prompt: SFT drops conversations that do not fit.
+            if stage.overflow == "drop" or self.mode == "sft":
                 too_long = lengths[docs] > L
                 if too_long.any():
-                    notes.append(f"{name}: overflow=drop leaves out {int(too_long.sum())} documents longer than {L}")
+                    why = "SFT keeps conversations whole and" if self.mode == "sft" else "overflow=drop"
+                    notes.append(f"{name}: {why} leaves out {int(too_long.sum())} documents longer than {L}")
                 docs = docs[~too_long]
                 if not len(docs):
+                    fix = ("raise the SFT stage's seq_len" if self.mode == "sft"
+                           else "set overflow: split to train on them in pieces")
                     raise DataError(f"{self.where}.data: every training document of source {name!r} is longer than "
-                                    f"seq_len {L}; set overflow: split to train on them in pieces")
+                                    f"seq_len {L}; {fix}")
             longest[name] = int(lengths[docs].max())
             share = self.shares[name]
             parts = [(name, docs, share)]
@@ -234,7 +249,7 @@ class StageData:
             docs = self.heldout_docs[name]
             lengths = self.sources[name].lengths[docs]
             keep = lengths >= min_doc_tokens
-            if self.stage.overflow == "drop":
+            if self.stage.overflow == "drop" or self.mode == "sft":
                 keep &= lengths <= L
             if keep.any():
                 streams.append(Stream(name, i, docs[keep], self.shares[name], self.seed, cycle=False))

@@ -7,11 +7,13 @@ kernel, CUDA only). `auto` takes flash when it can run, else sdpa.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .moba.layout import check_inputs
 from .moba.registry import Backend
@@ -21,14 +23,21 @@ log = logging.getLogger(__name__)
 FULL_ATTN_BACKENDS: dict[str, Backend] = {}
 
 
+# On GPUs in 16-bit, only the fused kernels (O(L) memory) may run: SDPA's math fallback would materialize
+# the [H, L, L] scores (128 GiB for one 32K document of 32 heads) without a word.
+FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
 def _sdpa(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+    fused_only = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     outs = []
-    for start, end in zip(cu, cu[1:]):
-        # [L, H, D] -> [H, L, D]: SDPA wants heads before tokens; enable_gqa shares KV heads without copies.
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-                                           v[start:end].transpose(0, 1), is_causal=True, scale=softmax_scale,
-                                           enable_gqa=True)
-        outs.append(o.transpose(0, 1))
+    with sdpa_kernel(FUSED_SDPA) if fused_only else contextlib.nullcontext():
+        for start, end in zip(cu, cu[1:]):
+            # [L, H, D] -> [1, H, L, D]: the fused kernels take 4-D inputs only; enable_gqa shares KV heads.
+            o = F.scaled_dot_product_attention(q[None, start:end].transpose(1, 2), k[None, start:end].transpose(1, 2),
+                                               v[None, start:end].transpose(1, 2), is_causal=True, scale=softmax_scale,
+                                               enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moba_train.data import check_stage_data
 from moba_train.distributed.groups import layout
 from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
 from moba_train.eval.passkey import describe as describe_passkey
@@ -77,6 +78,8 @@ def train(cfg: RunConfig) -> RunResult:
     torch.manual_seed(cfg.trainer.seed)
     for i, stage in enumerate(cfg.stages):
         layout(stage_sequence_parallel(cfg, stage))          # sp divides the number of processes
+        check_stage_data(cfg.data, stage.data, seq_len=stage.seq_len, mode=stage.mode,
+                         where=f"stages[{i}] ({stage.name})")   # every stage's sources exist, before any weights
 
     resume_from = _resume_source(cfg, ckpt_root)
     state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainState()

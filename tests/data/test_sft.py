@@ -144,3 +144,13 @@ def test_count_target_tokens_counts_the_assistant_tokens(smollm2, tmp_path):
             expected += sum(len(smollm2.encode(run, add_special_tokens=False))
                             for run in expected_runs(conv, "<|im_end|>"))
         assert count_target_tokens(batch) == expected > 0
+
+
+def test_conversations_longer_than_the_pack_are_dropped_never_cut(lee_bpe, tmp_path):
+    """A cut conversation would give packs of prompt without targets; SFT keeps conversations whole."""
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "A long answer."}]
+    rows = [{"messages": c} for c in CONVERSATIONS] + [{"messages": long}] * 3
+    source = {"format": "jsonl", "path": write_jsonl(tmp_path / "chat.jsonl", rows), "messages_field": "messages"}
+    for batch in sft_batches(lee_bpe, source, tmp_path, seq_len=128, steps=6):
+        assert count_target_tokens(batch) > 0
+        assert "word word" not in lee_bpe.decode(batch["input_ids"].reshape(-1).tolist())

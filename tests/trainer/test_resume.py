@@ -26,7 +26,8 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, crash_after):
 @pytest.mark.timeout(600)
 def test_resume_into_a_different_data_parallel_size_uses_the_universal_checkpoint(tmp_path):
     """ZeRO-2 on 2 processes, killed after step 3, resumed on 1 process with the same global batch."""
-    two = ["recipe=tiny", "deepspeed=zero2", "trainer.checkpoint_every=1", "trainer.export=false"]
+    two = ["recipe=tiny", "deepspeed=zero2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10",
+           "trainer.export=false"]
     whole = tmp_path / "whole"
     run_cli(whole, two, nproc=2)
     reference = losses(whole)

@@ -230,3 +230,12 @@ def test_auto_names_its_choice_in_the_debug_log(caplog):
     with caplog.at_level(logging.DEBUG, logger="moba_train.ops.moba.registry"):
         moba_attn_varlen(**_valid_args())
     assert "picked 'lean' on cpu" in caplog.text
+
+
+def test_auto_skips_a_backend_that_does_not_take_the_dtype_and_naming_it_says_which_do(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "half-only", Backend("half-only", lambda *a, **k: None, ("cpu",), auto_rank=99,
+                                                       dtypes=(torch.float16,)))
+    assert resolve("auto", torch.device("cpu"), torch.float32).name == "lean"
+    assert resolve("auto", torch.device("cpu"), torch.float16).name == "half-only"
+    with pytest.raises(RuntimeError, match=r"takes \['torch.float16'\], not torch.float32; use one of .*'lean'"):
+        moba_attn_varlen(**_valid_args(), backend="half-only")

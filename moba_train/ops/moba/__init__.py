@@ -18,7 +18,8 @@ register(Backend("lean", moba_lean, devices=("cpu", "cuda"), auto_rank=10,
 register(Backend("flex", flex.moba_flex, devices=("cuda",), auto_rank=20, missing=flex.missing,
                  summary="torch FlexAttention with a block mask built from the routing: the baseline to beat"))
 register(Backend("triton", triton.moba_triton, devices=("cuda",), auto_rank=30, missing=triton.missing,
-                 summary="fused Triton kernels: tiled routing, queries grouped per key block, deterministic backward"))
+                 summary="fused Triton kernels: tiled routing, queries grouped per key block, deterministic backward",
+                 dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 
 
 def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -33,7 +34,7 @@ def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     cu = check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, topk, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    chosen = resolve(backend, q.device)
+    chosen = resolve(backend, q.device, q.dtype)
     layout = build_layout(cu, block_size, q.device)
     return chosen.fn(q, k, v, layout, topk=topk, softmax_scale=scale)
 

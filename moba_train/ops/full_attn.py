@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .moba.layout import check_inputs
-from .moba.registry import Backend
+from .moba.registry import Backend, BackendRegistry
 
 log = logging.getLogger(__name__)
 
-FULL_ATTN_BACKENDS: dict[str, Backend] = {}
+FULL_ATTN_BACKENDS = BackendRegistry("full-attention", log)
 
 
 # On GPUs in 16-bit, only the fused kernels (O(L) memory) may run: SDPA's math fallback would materialize
@@ -55,35 +55,13 @@ def _flash_missing() -> str | None:
     return None
 
 
-def register(backend: Backend) -> None:
-    FULL_ATTN_BACKENDS[backend.name] = backend
-
+register = FULL_ATTN_BACKENDS.register
+resolve = FULL_ATTN_BACKENDS.resolve
 
 register(Backend("sdpa", _sdpa, devices=("cpu", "cuda"), auto_rank=0,
                  summary="torch scaled_dot_product_attention, one call per document"))
 register(Backend("flash", _flash, devices=("cuda",), auto_rank=10, missing=_flash_missing,
                  summary="flash_attn.flash_attn_varlen_func, one call per batch"))
-
-
-def resolve(name: str, device: torch.device) -> Backend:
-    if name == "auto":
-        usable = [b for b in FULL_ATTN_BACKENDS.values()
-                  if b.auto_rank is not None and device.type in b.devices and b.missing() is None]
-        if not usable:
-            raise RuntimeError(f"no full-attention backend can run on {device}; registered: {sorted(FULL_ATTN_BACKENDS)}")
-        best = max(usable, key=lambda b: b.auto_rank)
-        log.debug("full_attn_varlen backend=auto picked %r on %s", best.name, device)
-        return best
-    if name not in FULL_ATTN_BACKENDS:
-        raise ValueError(f"unknown full-attention backend {name!r}; choose one of {['auto', *sorted(FULL_ATTN_BACKENDS)]}")
-    backend = FULL_ATTN_BACKENDS[name]
-    reason = backend.missing()
-    if reason is not None:
-        raise RuntimeError(f"full-attention backend {name!r} is unavailable: {reason}")
-    if device.type not in backend.devices:
-        raise RuntimeError(f"full-attention backend {name!r} runs on {'/'.join(backend.devices)}, not {device.type}; "
-                           f"move the tensors or use backend='auto'")
-    return backend
 
 
 def full_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

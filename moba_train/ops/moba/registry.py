@@ -22,34 +22,43 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-BACKENDS: dict[str, Backend] = {}
+class BackendRegistry(dict):
+    """Backends of one operator by name; `resolve` picks one for a device and dtype, or says why it can't."""
+
+    def __init__(self, kind: str, logger: logging.Logger):
+        super().__init__()
+        self.kind = kind            # names the operator in messages: "MoBA", "full-attention"
+        self.log = logger           # the operator's own logger carries the debug line of `auto`
+
+    def register(self, backend: Backend) -> None:
+        self[backend.name] = backend
+
+    def resolve(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+        if name == "auto":
+            usable = [b for b in self.values()
+                      if b.auto_rank is not None and device.type in b.devices and b.missing() is None
+                      and (dtype is None or dtype in b.dtypes)]
+            if not usable:
+                raise RuntimeError(f"no {self.kind} backend can run on {device} with {dtype}; registered: {sorted(self)}")
+            best = max(usable, key=lambda b: b.auto_rank)
+            self.log.debug("%s backend=auto picked %r on %s", self.kind, best.name, device)
+            return best
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} backend {name!r}; choose one of {['auto', *sorted(self)]}")
+        backend = self[name]
+        reason = backend.missing()
+        if reason is not None:
+            raise RuntimeError(f"{self.kind} backend {name!r} is unavailable: {reason}")
+        if device.type not in backend.devices:
+            raise RuntimeError(f"{self.kind} backend {name!r} runs on {'/'.join(backend.devices)}, not {device.type}; "
+                               f"move the tensors or use backend='auto'")
+        if dtype is not None and dtype not in backend.dtypes:
+            others = sorted(b.name for b in self.values() if dtype in b.dtypes and device.type in b.devices)
+            raise RuntimeError(f"{self.kind} backend {name!r} takes {[str(d) for d in backend.dtypes]}, not {dtype}; "
+                               f"use one of {others} or backend='auto'")
+        return backend
 
 
-def register(backend: Backend) -> None:
-    BACKENDS[backend.name] = backend
-
-
-def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
-    if name == "auto":
-        usable = [b for b in BACKENDS.values()
-                  if b.auto_rank is not None and device.type in b.devices and b.missing() is None
-                  and (dtype is None or dtype in b.dtypes)]
-        if not usable:
-            raise RuntimeError(f"no MoBA backend can run on {device} with {dtype}; registered: {sorted(BACKENDS)}")
-        best = max(usable, key=lambda b: b.auto_rank)
-        log.debug("moba_attn_varlen backend=auto picked %r on %s", best.name, device)
-        return best
-    if name not in BACKENDS:
-        raise ValueError(f"unknown MoBA backend {name!r}; choose one of {['auto', *sorted(BACKENDS)]}")
-    backend = BACKENDS[name]
-    if device.type not in backend.devices:
-        raise RuntimeError(f"MoBA backend {name!r} runs on {'/'.join(backend.devices)}, not {device.type}; "
-                           f"move the tensors or use backend='auto'")
-    reason = backend.missing()
-    if reason is not None:
-        raise RuntimeError(f"MoBA backend {name!r} is unavailable: {reason}")
-    if dtype is not None and dtype not in backend.dtypes:
-        others = sorted(b.name for b in BACKENDS.values() if dtype in b.dtypes and device.type in b.devices)
-        raise RuntimeError(f"MoBA backend {name!r} takes {[str(d) for d in backend.dtypes]}, not {dtype}; "
-                           f"use one of {others} or backend='auto'")
-    return backend
+BACKENDS = BackendRegistry("MoBA", log)
+register = BACKENDS.register
+resolve = BACKENDS.resolve

@@ -78,16 +78,12 @@ class ParallelConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-
-
-@dataclass
 class TrainerConfig:
     seed: int = 0
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Built with hydra.utils.instantiate: `_target_` names any torch optimizer class, the other keys are its
+    # arguments; `weight_decay` applies to matrices only (biases and norms get none). lr comes from the stage.
+    optimizer: dict[str, Any] = field(default_factory=lambda: {
+        "_target_": "torch.optim.AdamW", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1})
     grad_clip: float = 1.0
     log_every: int = 1
     checkpoint_every: int = 0           # steps; 0: only at stage ends
@@ -186,6 +182,7 @@ def stage_attention(cfg: RunConfig, stage: StageConfig) -> dict:
 def check(cfg: RunConfig) -> None:
     if not cfg.stages:
         raise ConfigError("stages: a run needs at least one stage; add one under `stages:` in the recipe")
+    check_optimizer(cfg.trainer.optimizer)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
@@ -272,3 +269,26 @@ def shrink_stages(raw: dict, cap: int) -> dict:
         if data.get("long_doc_min_tokens", 0) > cap // 2:
             data["long_doc_min_tokens"] = cap // 2
     return raw
+
+
+def check_optimizer(spec: dict) -> None:
+    """trainer.optimizer names an importable optimizer class and only arguments it takes (lr is the stage's)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = spec.get("_target_")
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise ConfigError(f"trainer.optimizer._target_={target!r} is not an importable class; use e.g. "
+                          f"torch.optim.AdamW") from None
+    if not (isinstance(cls, type) and issubclass(cls, __import__("torch").optim.Optimizer)):
+        raise ConfigError(f"trainer.optimizer._target_={target!r} is not a torch.optim.Optimizer")
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    unknown = sorted(set(spec) - {"_target_"} - takes)
+    if unknown:
+        raise ConfigError(f"trainer.optimizer: {cls.__name__} takes no {unknown}; its arguments: {sorted(takes)}")
+    if "lr" in spec:
+        raise ConfigError("trainer.optimizer.lr: the learning rate comes from each stage's lr.peak and schedule; "
+                          "remove it")

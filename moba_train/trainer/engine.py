@@ -100,16 +100,20 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norms (1-D parameters). Fused on GPUs."""
+    """trainer.optimizer instantiated over two groups: weight decay on matrices, none on biases and norms.
+    torch's AdamW/Adam get their fused kernel on GPUs (not with CPU offload, whose step runs on the host)."""
+    from hydra.utils import get_class, instantiate
+
+    spec = dict(cfg.trainer.optimizer)
+    weight_decay = spec.pop("weight_decay", 0.0)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.trainer.optimizer.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    opt = cfg.trainer.optimizer
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.betas), eps=opt.eps,
-                             fused=on_gpu() and not cfg.deepspeed.offload_optimizer)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if get_class(spec["_target_"]) in (torch.optim.AdamW, torch.optim.Adam) and "fused" not in spec:
+        spec["fused"] = on_gpu() and not cfg.deepspeed.offload_optimizer
+    return instantiate(spec, groups, lr=lr, _convert_="all")
 
 
 def build_engine(model, cfg: RunConfig, stage: StageConfig, mpu=None, load_universal: bool = False):

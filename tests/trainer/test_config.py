@@ -54,6 +54,13 @@ BAD = {
     "offload-params-without-zero3": (lambda c: c["deepspeed"].update(offload_params=True), "use deepspeed=zero3_offload"),
     "wrong-type": (lambda c: c["trainer"].update(grad_clip="big"), "trainer.grad_clip: expected float"),
     "bad-mode": (lambda c: c["stages"][0].update(mode="rl"), "is not one of ['pretrain', 'sft']"),
+    "optimizer-not-importable": (lambda c: c["trainer"]["optimizer"].update(_target_="torch.optim.Adamw"),
+                                 "is not an importable class; use e.g. torch.optim.AdamW"),
+    "optimizer-not-an-optimizer": (lambda c: c["trainer"]["optimizer"].update(_target_="torch.nn.Linear"),
+                                   "is not a torch.optim.Optimizer"),
+    "optimizer-unknown-argument": (lambda c: c["trainer"]["optimizer"].update(_target_="torch.optim.SGD"),
+                                   "SGD takes no ['betas', 'eps']"),
+    "optimizer-lr": (lambda c: c["trainer"]["optimizer"].update(lr=1.0), "comes from each stage's lr.peak"),
 }
 
 
@@ -74,3 +81,16 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert values[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
     assert lr_at(3, 10, LRConfig(peak=2.0, schedule="constant")) == 2.0
+
+
+def test_optimizer_is_instantiated_from_its_target_with_decay_on_matrices_only():
+    import torch
+
+    from moba_train.trainer.engine import make_optimizer
+
+    raw = _demo()
+    raw["trainer"]["optimizer"] = {"_target_": "torch.optim.SGD", "momentum": 0.9, "weight_decay": 0.01}
+    cfg = load_run_config(raw)
+    opt = make_optimizer(torch.nn.Linear(4, 3), cfg, lr=0.5)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in opt.param_groups] == [(1, 0.01, 0.5), (1, 0.0, 0.5)]

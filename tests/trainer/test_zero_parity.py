@@ -24,3 +24,13 @@ def test_two_processes_match_one(tmp_path, zero, single_process_losses):
     assert len(got) == len(single_process_losses) == 5
     assert got[0] == pytest.approx(single_process_losses[0], abs=1e-6)   # same weights, same tokens
     assert got == pytest.approx(single_process_losses, abs=2e-5)          # AdamW amplifies reduction order a little
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("variant", ["zero2_offload", "zero3_offload"])
+def test_cpu_offload_trains_like_no_offload(tmp_path, variant):
+    """Optimizer (and for ZeRO-3 parameter) offload moves where the state lives, not the math."""
+    plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
+    run_cli(plain, [*TINY, "deepspeed=zero0"])
+    run_cli(offloaded, [*TINY, f"deepspeed={variant}"])
+    assert losses(offloaded) == pytest.approx(losses(plain), abs=2e-5)

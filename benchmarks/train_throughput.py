@@ -209,6 +209,8 @@ def main():
             best, worst = (mid, worst) if row else (best, mid)
         emit({"mode": args.longest, "longest_trained": best, "first_oom": worst, "sp": args.sp,
               "search_seconds": time.perf_counter() - t0}, args)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

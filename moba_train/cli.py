@@ -125,9 +125,18 @@ def run_job(cfg_dict: dict, invocation: Invocation | None = None):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("moba-train: mode=eval runs in one process; start it without a launcher")
         return evaluate_checkpoint(run_cfg, Path(invocation.checkpoint))
+    import torch.distributed as dist
+
     from moba_train.trainer.run import train
 
-    return train(run_cfg)
+    result = train(run_cfg)
+    if dist.is_initialized():
+        # Leaving with live gloo/NCCL threads can abort the process at exit ("terminate called without an
+        # active exception"), turning a finished run into a failed one. Only after success: a rank that
+        # failed must not wait here for the others.
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,4 +57,6 @@ for name, (B, L, docs, Hq, Hkv, layer) in CASES.items():
         if err > TOLERANCE * max(1.0, b.float().abs().max().item()):   # bf16: relative to the magnitude
             failures.append(f"rank {rank} {name} {what}: max diff {err:.2e}")
 print("\n".join(failures) or f"rank {rank}: all equal ({DEVICE.type}, {DTYPE})", flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()   # exiting with live gloo threads can abort the process
 sys.exit(1 if failures else 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import flex, triton
+from . import flash, flex, triton
 from .layout import BlockLayout, build_layout, check_inputs
 from .lean import moba_lean
 from .naive import moba_naive
@@ -20,6 +20,10 @@ register(Backend("flex", flex.moba_flex, devices=("cuda",), auto_rank=20, missin
 register(Backend("triton", triton.moba_triton, devices=("cuda",), auto_rank=30, missing=triton.missing,
                  summary="fused Triton kernels: tiled routing, queries grouped per key block, deterministic backward",
                  dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+register(Backend("flash", flash.moba_flash, devices=("cuda",), auto_rank=None, missing=flash.missing,
+                 dtypes=(torch.float16, torch.bfloat16),
+                 summary="MoonshotAI's scheme on flash-attn 2: one causal varlen call over the blocks, one over "
+                         "the selected (block, KV head) pairs, merged by log-sum-exp"))
 
 
 def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -2,6 +2,9 @@
 
 - `python_stdlib`: the running Python's standard library `.py` files, read in place, sorted by relative
   path (site-packages excluded): long, real code documents.
+- `python_sources`: the stdlib plus every site-packages directory of the running Python (the installed
+  libraries' own `.py` files): hundreds of MB of real code where torch is installed, for studies that need
+  a corpus of 50M+ tokens without a download.
 - `lee_corpus`: gensim's Lee background corpus, 300 real English news articles, one per line.
 - `lee_sft`: one instruction conversation per Lee article, built by fixed rules (`lee_sft_conversation`),
   so article i of `lee` and record i of `lee_sft` share their held-out status.
@@ -34,6 +37,23 @@ def stdlib_files() -> list[str]:
             dirnames[:] = [d for d in dirnames if d not in NOT_STDLIB]
         found += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")]
     return [os.path.join(root, rel) for rel in sorted(p.replace(os.sep, "/") for p in found)]
+
+
+def site_packages_roots() -> list[str]:
+    """The running Python's site-packages directories (system and user), existing ones, in a fixed order."""
+    import site
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    return sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
+
+
+def python_source_files() -> list[str]:
+    """The stdlib's `.py` files, then every site-packages root's, each root sorted by relative path."""
+    found = stdlib_files()
+    for root in site_packages_roots():
+        rel = [os.path.relpath(os.path.join(dp, f), root) for dp, _, fs in os.walk(root) for f in fs
+               if f.endswith(".py")]
+        found += [os.path.join(root, r) for r in sorted(p.replace(os.sep, "/") for p in rel)]
+    return found
 
 
 def lee_path() -> str:

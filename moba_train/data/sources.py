@@ -325,7 +325,7 @@ def _check_embedded(src: SourceConfig, at: str) -> None:
     set_fields = [f for f in ("path", "hub", "messages_field", "prompt_field") if getattr(src, f) is not None]
     if set_fields:
         raise ConfigError(f"{at}: format {src.format!r} is built in and takes no {set_fields}; remove them")
-    if src.format != "python_stdlib":
+    if src.format not in ("python_stdlib", "python_sources"):
         try:
             embedded.lee_path()
         except DataError as e:
@@ -334,6 +334,10 @@ def _check_embedded(src: SourceConfig, at: str) -> None:
 
 def read_stdlib(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
     return read_text(SourceConfig(format="text", sample_by="document"), skips, embedded.stdlib_files())
+
+
+def read_python_sources(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
+    return read_text(SourceConfig(format="text", sample_by="document"), skips, embedded.python_source_files())
 
 
 def read_lee(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
@@ -349,6 +353,10 @@ def read_lee_sft(src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
 register(SourceFormat("python_stdlib", _check_embedded,
                       lambda src: [embedded.stdlib_root(), _file_identity(embedded.stdlib_files())],
                       read_stdlib, lambda src: False))
+register(SourceFormat("python_sources", _check_embedded,
+                      lambda src: [embedded.stdlib_root(), embedded.site_packages_roots(),
+                                   _file_identity(embedded.python_source_files())],
+                      read_python_sources, lambda src: False))
 register(SourceFormat("lee_corpus", _check_embedded, lambda src: _file_identity([embedded.lee_path()]),
                       read_lee, lambda src: False))
 register(SourceFormat("lee_sft", _check_embedded,

@@ -160,7 +160,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
     every_length = sorted({s.seq_len for s in cfg.stages})
     lengths, skipped = passkey_lengths(pk.lengths or every_length, None, passkey_cap(cfg))
     if lengths:
-        result.passkey = run_passkey(model, loaded.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed)
+        result.passkey = run_passkey(model, loaded.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
+                                    haystacks=pk.haystack)
         result.passkey.skipped_lengths = skipped
         metrics.append({"kind": "passkey", "step": 0, "stage": "eval", **asdict(result.passkey)})
         print(describe(result.passkey), flush=True)

@@ -1,13 +1,16 @@
 """Passkey retrieval: a random number hidden in a haystack of real text, read back by greedy decoding.
 
-The haystack is built locally from the embedded English corpus (gensim's Lee news articles), cut at
-sentence boundaries to exactly the asked number of tokens (Mohtashami & Jaggi, 2023, with real text
-instead of repeated filler):
+The haystack is built locally from real text, cut at unit boundaries to exactly the asked number of
+tokens (Mohtashami & Jaggi, 2023, with real text instead of repeated filler). Two styles:
 
-    <instruction> <filler ...> The pass key is 48213. Remember it. 48213 is the pass key. <filler ...>
-    What is the pass key? The pass key is
+- `lee` (English, the default): gensim's Lee news articles, cut at sentences:
+      <instruction> <filler ...> The pass key is 48213. Remember it. 48213 is the pass key. <filler ...>
+      What is the pass key? The pass key is
+- `python` (for models trained on code): lines of the Python standard library:
+      # <instruction> <code lines ...> PASS_KEY = 48213  # remember this value <code lines ...>
+      assert PASS_KEY ==
 
-The key sits at the sentence boundary nearest to `depth` (0 = start of the filler, 1 = end). The model
+The key sits at the unit boundary nearest to `depth` (0 = start of the filler, 1 = end). The model
 generates greedily (`model.generate`, so MoBA layers decode over their KV cache as they do at
 inference); a trial is correct when the first number it writes is the key. Keys come from Python's
 `random` seeded by (seed, length, depth, sample), so the training RNG streams are never touched.
@@ -19,6 +22,7 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,6 +33,40 @@ INSTRUCTION = ("There is an important piece of information hidden inside a lot o
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 KEY_DIGITS = 5
+PYTHON_FILLER_LINES = 20000   # ~200K tokens of stdlib code; longer haystacks repeat it
+
+
+def _lee_units() -> list[str]:
+    from moba_train.data.embedded import lee_articles, sentences
+    return [" " + s for article in lee_articles() for s in sentences(article)]
+
+
+def _python_units() -> list[str]:
+    from moba_train.data.embedded import stdlib_files
+
+    lines = []
+    for path in stdlib_files():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines += [line for line in f if line.strip() and "PASS_KEY" not in line]
+        if len(lines) >= PYTHON_FILLER_LINES:
+            return lines[:PYTHON_FILLER_LINES]
+    return lines
+
+
+@dataclass(frozen=True)
+class HaystackStyle:
+    instruction: str                 # tokenized with the tokenizer's special tokens (BOS)
+    needle: str                      # formatted with key=
+    question: str
+    units: Callable[[], list[str]]   # the filler, in order; each unit is tokenized on its own
+
+
+STYLES = {
+    "lee": HaystackStyle(INSTRUCTION, NEEDLE, QUESTION, _lee_units),
+    "python": HaystackStyle("# The constant PASS_KEY is defined somewhere below among unrelated code. "
+                            "Remember its value.\n", "PASS_KEY = {key}  # remember this value\n",
+                            "assert PASS_KEY ==", _python_units),
+}
 
 
 @dataclass
@@ -53,21 +91,20 @@ class PasskeyResult:
 class Haystacks:
     """Token-exact haystacks for one tokenizer."""
 
-    def __init__(self, tokenizer, sentences: list[str] | None = None):
-        from moba_train.data.embedded import lee_articles, sentences as split_sentences
-
+    def __init__(self, tokenizer, style: str = "lee"):
+        if style not in STYLES:
+            raise ValueError(f"unknown passkey haystack {style!r}; choose one of {sorted(STYLES)}")
         self.tokenizer = tokenizer
-        if sentences is None:
-            sentences = [s for article in lee_articles() for s in split_sentences(article)]
-        encoded = tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
+        self.style = STYLES[style]
+        encoded = tokenizer(self.style.units(), add_special_tokens=False)["input_ids"]
         self.sentences = [ids for ids in encoded if ids]
         self.filler_tokens = sum(len(s) for s in self.sentences)
-        self.prefix = tokenizer(INSTRUCTION, add_special_tokens=True)["input_ids"]
-        self.question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+        self.prefix = tokenizer(self.style.instruction, add_special_tokens=True)["input_ids"]
+        self.question = tokenizer(self.style.question, add_special_tokens=False)["input_ids"]
 
     def build(self, length: int, depth: float, key: str, start_sentence: int = 0) -> list[int]:
         """Exactly `length` prompt tokens ending with the question."""
-        needle = self.tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        needle = self.tokenizer(self.style.needle.format(key=key), add_special_tokens=False)["input_ids"]
         budget = length - len(self.prefix) - len(needle) - len(self.question)
         if budget < 1:
             raise ValueError(f"a passkey haystack of {length} tokens leaves no room for filler; use lengths >= "
@@ -102,12 +139,12 @@ def first_number(text: str) -> str | None:
 
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = 1, seed: int = 0,
-                synced_gpus: bool = False, haystacks: Haystacks | None = None) -> PasskeyResult:
+                synced_gpus: bool = False, haystacks: Haystacks | str = "lee") -> PasskeyResult:
     """Every (length, depth, sample) trial, one haystack at a time. With ZeRO-3 every rank must call this
     with the same arguments (and synced_gpus=True): the gathers of the partitioned weights are collectives."""
     from transformers import GenerationConfig
 
-    haystacks = haystacks or Haystacks(tokenizer)
+    haystacks = Haystacks(tokenizer, haystacks) if isinstance(haystacks, str) else haystacks
     device = next(model.parameters()).device
     key_tokens = len(tokenizer(" " + "9" * KEY_DIGITS, add_special_tokens=False)["input_ids"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

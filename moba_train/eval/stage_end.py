@@ -38,7 +38,7 @@ def stage_passkey(lm, tokenizer, cfg, stage, sp: int, zero3: bool, world: int) -
         apply_sequence_parallel(lm, 1)
     try:
         result = run_passkey(lm, tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
-                             synced_gpus=zero3 and world > 1)
+                             synced_gpus=zero3 and world > 1, haystacks=pk.haystack)
     finally:
         if sp > 1:
             apply_sequence_parallel(lm, sp)

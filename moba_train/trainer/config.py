@@ -119,6 +119,7 @@ class PasskeyConfig:
     max_length: int = 131072            # longer haystacks are skipped (generation holds the whole KV cache on one GPU)
     max_length_cpu: int = 1024          # the same cap on CPU, where a prefill runs at a few hundred tokens/s
     seed: int = 0
+    haystack: str = "lee"               # filler style: lee (English news) | python (stdlib code, for code models)
 
 
 @dataclass
@@ -234,6 +235,9 @@ def check_eval(cfg: RunConfig) -> None:
                           f"got {pk.depths}")
     if pk.lengths is not None and any(n < 64 for n in pk.lengths):
         raise ConfigError(f"eval.passkey.lengths must be token counts >= 64, got {pk.lengths}")
+    from moba_train.eval.passkey import STYLES
+    if pk.haystack not in STYLES:
+        raise ConfigError(f"eval.passkey.haystack must be one of {sorted(STYLES)}, got {pk.haystack!r}")
     if pk.samples < 1 or cfg.eval.position_buckets < 1 or cfg.eval.tail_tokens < 1:
         raise ConfigError("eval.passkey.samples, eval.position_buckets and eval.tail_tokens must be >= 1")
     if cfg.logger.routing_stats_every < 0 or cfg.logger.routing_stats_queries < 1:

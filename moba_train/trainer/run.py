@@ -82,7 +82,7 @@ def train(cfg: RunConfig) -> RunResult:
         layout(stage_sequence_parallel(cfg, stage))          # sp divides the number of processes
         check_stage_data(cfg.data, stage.data, seq_len=stage.seq_len, mode=stage.mode,
                          where=f"stages[{i}] ({stage.name})")   # every stage's sources exist, before any weights
-    if cfg.eval.passkey.enabled:
+    if cfg.eval.passkey.enabled and cfg.eval.passkey.haystack == "lee":
         try:
             lee_path()                                        # passkey haystacks are cut from the Lee articles
         except DataError as e:

@@ -155,3 +155,21 @@ def test_stdlib_source_is_the_files_in_sorted_order(lee_bpe, tmp_path):
     assert src.n_docs == 12
     for d, text in enumerate(texts):
         assert src.tokens[src.offsets[d]:src.offsets[d + 1]].tolist() == lee_bpe(text)["input_ids"] + [lee_bpe.eos_token_id]
+
+
+def test_python_sources_are_the_stdlib_then_the_installed_libraries():
+    import torch
+
+    files = embedded.python_source_files()
+    stdlib = embedded.stdlib_files()
+    assert files[: len(stdlib)] == stdlib
+    installed = files[len(stdlib):]
+    assert os.path.realpath(torch.__file__) in {os.path.realpath(f) for f in installed}
+    assert all(f.endswith(".py") for f in installed) and len(set(files)) == len(files)
+
+
+def test_python_sources_take_no_path():
+    from moba_train.data.sources import FORMATS
+
+    with pytest.raises(ConfigError, match="built in and takes no"):
+        FORMATS["python_sources"].check(SourceConfig(format="python_sources", path="/tmp"), "data.sources.code")

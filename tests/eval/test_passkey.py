@@ -84,3 +84,23 @@ def test_tiny_moba_model_generates_and_the_result_has_the_grid_shape(lee_bpe, ha
     assert [len(row) for row in result.accuracy_grid] == [2, 2, 2]
     assert all(a in (0.0, 1.0) for row in result.accuracy_grid for a in row)
     assert all(isinstance(t.answer, str) and t.answer for t in result.trials)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0], ids=lambda d: f"depth{d}")
+def test_python_haystack_is_code_with_the_key_as_a_constant(lee_bpe, depth):
+    from moba_train.eval.passkey import STYLES
+
+    code = Haystacks(lee_bpe, "python")
+    key = trial_key(0, 2048, depth, 0)
+    ids = code.build(2048, depth, key)
+    assert len(ids) == 2048
+    text = lee_bpe.decode(ids)
+    assert text.rstrip().endswith(STYLES["python"].question) and f"PASS_KEY = {key}" in text
+    assert text.count("PASS_KEY") == 3 and "def " in text          # instruction, needle, question; real code
+    before = text.index(f"PASS_KEY = {key}") - len(lee_bpe.decode(code.prefix))
+    assert abs(before / (len(text) - len(lee_bpe.decode(code.prefix))) - depth) < 0.1
+
+
+def test_unknown_haystack_style_is_named(lee_bpe):
+    with pytest.raises(ValueError, match="choose one of"):
+        Haystacks(lee_bpe, "klingon")

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 NEEDS_MODEL_PATH = {"llama3_8b_128k_to_1m", "qwen_8k_to_128k"}
+# the first documents of a large local corpus are enough for a smoke step (tokenizing all takes minutes)
+SMALLER_DATA = {"quality_code": ["+data.sources.code.max_documents=300"]}
 
 
 def compose_config(overrides: list[str]) -> dict:
@@ -24,4 +26,4 @@ def compose_config(overrides: list[str]) -> dict:
 
 def recipe_overrides(recipe: str) -> list[str]:
     extra = ["model.path=/nonexistent/model"] if recipe in NEEDS_MODEL_PATH else []
-    return [f"recipe={recipe}", *extra]
+    return [f"recipe={recipe}", *extra, *SMALLER_DATA.get(recipe, [])]

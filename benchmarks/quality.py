@@ -93,10 +93,18 @@ def summarize(runs: dict[str, dict]) -> list[dict]:
                    "passkey": pk["accuracy"] if pk else None,
                    "train_tokens": end["tokens"] if end else None, "seconds": end["seconds"] if end else None}
             if base is not None:
-                row["val_vs_full"] = ev["mean_loss"] / base["mean_loss"] - 1
-                row["tail_vs_full"] = ev["tail_loss"] / base["tail_loss"] - 1
+                row["val_vs_full"] = _relative(ev["mean_loss"], base["mean_loss"])
+                row["tail_vs_full"] = _relative(ev["tail_loss"], base["tail_loss"])
             rows.append(row)
     return rows
+
+
+def _relative(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value / base - 1
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -104,8 +112,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         passkey = "" if r["passkey"] is None else f"{r['passkey']:.0%}"
-        out.append(f"| {r['stage']} ({r['seq_len']:,}) | {r['arm']} | {r['val_loss']:.4f} | {_pct(r.get('val_vs_full'))} "
-                   f"| {r['tail_loss']:.4f} ({r['tail_window']:,}) | {_pct(r.get('tail_vs_full'))} | {passkey} "
+        out.append(f"| {r['stage']} ({r['seq_len']:,}) | {r['arm']} | {_num(r['val_loss'])} | {_pct(r.get('val_vs_full'))} "
+                   f"| {_num(r['tail_loss'])} ({r['tail_window'] or 0:,}) | {_pct(r.get('tail_vs_full'))} | {passkey} "
                    f"| {r['train_tokens'] or 0:,} | {r['seconds'] or 0:.0f} |")
     return "\n".join(out)
 

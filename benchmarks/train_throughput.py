@@ -169,6 +169,8 @@ def main():
     p.add_argument("--search-from", type=int, default=131072, help="first length of the --longest search")
     p.add_argument("--limit", type=int, default=16 * 1024 * 1024)
     p.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling search")
+    p.add_argument("--try-lengths", type=int, nargs="*", default=[],
+                   help="with --longest: try exactly these lengths, ascending, up to the first that fails")
     p.add_argument("--time-budget", type=float, default=1e9, help="stop the search after this many seconds")
     p.add_argument("--layers", type=int, default=0, help="override the layer count (quick checks)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: checks the script itself, e.g. on CPU")
@@ -189,7 +191,20 @@ def main():
         for mode in args.modes:
             emit(measure(engine, model, args, seq_len, mode, args.steps, args.warmup), args)
 
-    if args.longest:
+    if args.longest and args.try_lengths:
+        best, worst, t0 = None, None, time.perf_counter()
+        for length in sorted(args.try_lengths):
+            if time.perf_counter() - t0 > args.time_budget:
+                break
+            row, failure = try_length(engine, model, args, length, args.longest)
+            emit(row or {"mode": args.longest, "seq_len": length, "sp": args.sp, "oom": True, **failure}, args)
+            if row is None:
+                worst = length
+                break
+            best = length
+        emit({"mode": args.longest, "longest_trained": best, "first_oom": worst, "sp": args.sp,
+              "search_seconds": time.perf_counter() - t0}, args)
+    elif args.longest:
         best, worst, length = None, None, args.search_from
         t0 = time.perf_counter()
         while length <= args.limit and time.perf_counter() - t0 < args.time_budget:

@@ -1,14 +1,18 @@
 """Full causal attention over packed documents, in the same varlen layout as `moba_attn_varlen`.
 
 Layers in "full" mode run this: every query attends the earlier tokens of its own document only.
-Backends by name: `sdpa` (torch SDPA per document, CPU and GPU) and `flash` (flash-attn's varlen
-kernel, CUDA only). `auto` takes flash when it can run, else sdpa.
+Backends by name: `sdpa` (torch SDPA per document, CPU and GPU), `varlen` (torch's own varlen
+FlashAttention, `torch.nn.attention.varlen`, one call per batch, CUDA 16-bit) and `flash` (flash-attn's
+varlen kernel, CUDA only). `auto` takes flash, else varlen, else sdpa: a pack of many short documents
+(code files, chat records) costs sdpa one kernel launch per document and layer, varlen one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import logging
 
 import torch
@@ -49,6 +53,45 @@ def _flash(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> tor
                                   causal=True)
 
 
+@functools.cache
+def _varlen_api():
+    """torch's varlen_attn and the keywords this torch's version takes (2.9-2.11: is_causal; later:
+    window_size, scale and enable_gqa)."""
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+    varlen_attn, params = _varlen_api()
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)                  # causal
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = softmax_scale
+    else:                                                # the kernel scales by D^-0.5: fold the rest into q
+        q = q * (softmax_scale * q.shape[-1] ** 0.5)
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:
+        # this torch's varlen kernel has no GQA: the KV heads are repeated (memory T x Hq x D, as SDPA's math path)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu_t, cu_t, max_seqlen, max_seqlen, **kwargs)
+
+
+def _varlen_missing() -> str | None:
+    try:
+        _varlen_api()
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.9); use backend 'sdpa'"
+    if not torch.cuda.is_available():
+        return "no CUDA device: torch's varlen attention runs FlashAttention kernels on NVIDIA GPUs"
+    return None
+
+
 def _flash_missing() -> str | None:
     if importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed; install it with `pip install moba-train[flash]` (CUDA machines only)"
@@ -60,7 +103,11 @@ resolve = FULL_ATTN_BACKENDS.resolve
 
 register(Backend("sdpa", _sdpa, devices=("cpu", "cuda"), auto_rank=0,
                  summary="torch scaled_dot_product_attention, one call per document"))
+register(Backend("varlen", _varlen, devices=("cuda",), auto_rank=5, missing=_varlen_missing,
+                 dtypes=(torch.float16, torch.bfloat16),
+                 summary="torch.nn.attention.varlen.varlen_attn (FlashAttention), one call per batch"))
 register(Backend("flash", _flash, devices=("cuda",), auto_rank=10, missing=_flash_missing,
+                 dtypes=(torch.float16, torch.bfloat16),
                  summary="flash_attn.flash_attn_varlen_func, one call per batch"))
 
 
@@ -74,7 +121,7 @@ def full_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     # Full attention has no blocks: block_size=1, topk=1 are always valid, so only the shared checks bite.
     cu = check_inputs(q, k, v, cu_seqlens, max_seqlen, 1, 1, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return resolve(backend, q.device).fn(q, k, v, cu, max_seqlen, scale)
+    return resolve(backend, q.device, q.dtype).fn(q, k, v, cu, max_seqlen, scale)
 
 
 __all__ = ["full_attn_varlen", "FULL_ATTN_BACKENDS", "register", "resolve"]

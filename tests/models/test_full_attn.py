@@ -92,7 +92,7 @@ def test_auto_picks_sdpa_on_cpu_and_logs_it(caplog):
 
 def test_unknown_backend_lists_the_choices():
     q, k, v, cu = make((8,), 2, 2)
-    with pytest.raises(ValueError, match=r"unknown full-attention backend 'nope'; choose one of \['auto', 'flash', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"unknown full-attention backend 'nope'; choose one of \['auto', 'flash', 'sdpa', 'varlen'\]"):
         full_attn_varlen(q, k, v, cu, 8, backend="nope")
 
 
@@ -113,3 +113,70 @@ def test_input_checks(mutate, message):
     q, k, v, cu = mutate(*make((5, 7), 4, 2))
     with pytest.raises(ValueError, match=message):
         full_attn_varlen(q, k, v, cu, 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("lens", [(33,), (5, 17, 9), (1, 1, 2, 1, 20), (700, 1, 3000, 130)],
+                         ids=["one-doc-33", "3-docs", "tiny-docs-then-long", "long-docs"])
+@pytest.mark.parametrize("scale", [None, 0.3], ids=["default-scale", "scale-0.3"])
+def test_varlen_on_gpu_matches_reference_outputs_and_grads(lens, heads, scale):
+    q, k, v, cu = make(lens, *heads, dtype=torch.bfloat16, d=64)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    out = full_attn_varlen(q, k, v, cu.cuda(), max(lens), softmax_scale=scale, backend="varlen")
+    want = reference(q, k, v, lens, scale if scale is not None else 64 ** -0.5)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = torch.autograd.grad(want, (q, k, v), grad_out.double())
+    for name, a, b in zip("qkv", got, expected):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-2, rtol=5e-2, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.gpu
+def test_auto_prefers_one_varlen_call_on_gpu_in_16_bit():
+    from moba_train.ops.full_attn import resolve
+    assert resolve("auto", torch.device("cuda"), torch.bfloat16).name in ("varlen", "flash")
+    assert resolve("auto", torch.device("cuda"), torch.float32).name == "sdpa"
+
+
+def test_varlen_without_cuda_is_unavailable_with_the_reason():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    q, k, v, cu = make((8,), 2, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="varlen"):
+        full_attn_varlen(q, k, v, cu, 8, backend="varlen")
+
+
+def _per_doc_sdpa(query, key, value, cu, scale=None, enable_gqa=False):
+    assert enable_gqa or query.shape[1] == key.shape[1], "GQA inputs reached a kernel without GQA"
+    bounds = cu.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[None, a:b].transpose(1, 2) for t in (query, key, value)), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+
+
+def varlen_torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal
+    return _per_doc_sdpa(query, key, value, cu_seq_q)
+
+
+def varlen_torch_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0)
+    return _per_doc_sdpa(query, key, value, cu_seq_q, scale, enable_gqa)
+
+
+@pytest.mark.parametrize("api", [varlen_torch_2_9, varlen_torch_2_12], ids=["torch-2.9-api", "torch-2.12-api"])
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["mha", "gqa3"])
+def test_varlen_adapts_to_both_torch_signatures(monkeypatch, api, heads):
+    """On CPU, with a per-document stand-in for the kernel: the scale and GQA reach it either way."""
+    import inspect
+
+    from moba_train.ops import full_attn
+
+    monkeypatch.setattr(full_attn, "_varlen_api", lambda: (api, frozenset(inspect.signature(api).parameters)))
+    lens = (5, 17, 9)
+    q, k, v, cu = make(lens, *heads)
+    out = full_attn._varlen(q, k, v, cu.tolist(), 17, 0.3)
+    torch.testing.assert_close(out.double(), reference(q, k, v, lens, 0.3), atol=1e-5, rtol=1e-5)

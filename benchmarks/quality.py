@@ -130,8 +130,12 @@ def plot(runs: dict[str, dict], plots_dir: Path) -> list[Path]:
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     stage_names = list(next(iter(runs.values())))
-    fig, axes = plt.subplots(1, len(stage_names), figsize=(6 * len(stage_names), 4.2), squeeze=False)
-    for ax, stage in zip(axes[0], stage_names):
+    # top: loss by position per arm; bottom: each arm minus full attention, where the arms differ
+    fig, axes = plt.subplots(2, len(stage_names), figsize=(6 * len(stage_names), 7), squeeze=False,
+                             sharex="col", gridspec_kw={"height_ratios": [3, 2]})
+    for col, stage in enumerate(stage_names):
+        top, bottom = axes[0][col], axes[1][col]
+        base = runs.get("full", {}).get(stage, {}).get("eval")
         for arm, stages in runs.items():
             ev = stages.get(stage, {}).get("eval")
             if ev is None:
@@ -139,12 +143,20 @@ def plot(runs: dict[str, dict], plots_dir: Path) -> list[Path]:
             edges = ev["bucket_edges"]
             mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
             pts = [(m, v) for m, v in zip(mids, ev["bucket_loss"]) if v is not None]
-            ax.plot(*zip(*pts), marker="o", markersize=3, color=COLOURS.get(arm), label=f"{arm} ({ev['mean_loss']:.3f})")
-        ax.set_title(f"held-out loss by position, stage {stage}")
-        ax.set_xlabel("token position")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            top.plot(*zip(*pts), marker="o", markersize=3, color=COLOURS.get(arm), label=f"{arm} ({ev['mean_loss']:.3f})")
+            if base is not None and arm != "full":
+                diff = [(m, v - b) for m, v, b in zip(mids, ev["bucket_loss"], base["bucket_loss"])
+                        if v is not None and b is not None]
+                bottom.plot(*zip(*diff), marker="o", markersize=3, color=COLOURS.get(arm), label=arm)
+        top.set_title(f"held-out loss by position, stage {stage}")
+        top.set_ylabel("loss")
+        top.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        bottom.axhline(0, color="black", linewidth=0.8)
+        bottom.set_xlabel("token position")
+        bottom.set_ylabel("loss minus full attention's")
+        bottom.grid(alpha=0.3)
+        bottom.legend(fontsize=8)
     paths = [_save(plt, fig, plots_dir / "quality_loss_by_position.png")]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -99,7 +99,7 @@ def synthetic_pack(seq_len: int, vocab: int, seed: int) -> dict:
 
 def measure(engine, model, args, seq_len: int, mode: str, steps: int, warmup: int) -> dict:
     lay = layout(args.sp)
-    plan = AttentionPlan.from_config(MODES[mode], model.config.num_hidden_layers)
+    plan = AttentionPlan.from_config({**MODES[mode], "full_backend": args.full_backend}, model.config.num_hidden_layers)
     attach_plan(model, plan)
     apply_sequence_parallel(model, args.sp)
     pack = synthetic_pack(seq_len, model.config.vocab_size, seed=lay.dp_rank)
@@ -176,6 +176,7 @@ def main():
     p.add_argument("--tiny", action="store_true", help="a tiny model: checks the script itself, e.g. on CPU")
     p.add_argument("--tiled-mlp", type=int, default=1)
     p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--full-backend", default="auto", help="the full-attention layers' backend (full_attn.py)")
     p.add_argument("--loss-chunk", type=int, default=8192)
     p.add_argument("--out")
     args = p.parse_args()

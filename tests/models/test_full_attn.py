@@ -24,7 +24,7 @@ def reference(q, k, v, lens, scale):
         for h in range(q.shape[1]):
             qh, kh, vh = (t[start:start + n, i].double() for t, i in ((q, h), (k, h // group), (v, h // group)))
             scores = (qh @ kh.T) * scale
-            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
             heads.append(scores.softmax(-1) @ vh)
         out.append(torch.stack(heads, 1))
         start += n
@@ -161,13 +161,20 @@ def varlen_torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_cau
     return _per_doc_sdpa(query, key, value, cu_seq_q)
 
 
+def varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    assert window_size == (-1, 0)
+    return _per_doc_sdpa(query, key, value, cu_seq_q, scale)
+
+
 def varlen_torch_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                       window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     assert window_size == (-1, 0)
     return _per_doc_sdpa(query, key, value, cu_seq_q, scale, enable_gqa)
 
 
-@pytest.mark.parametrize("api", [varlen_torch_2_9, varlen_torch_2_12], ids=["torch-2.9-api", "torch-2.12-api"])
+@pytest.mark.parametrize("api", [varlen_torch_2_9, varlen_torch_2_11, varlen_torch_2_12],
+                         ids=["torch-2.9-api", "torch-2.11-api", "torch-2.12-api"])
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["mha", "gqa3"])
 def test_varlen_adapts_to_both_torch_signatures(monkeypatch, api, heads):
     """On CPU, with a per-document stand-in for the kernel: the scale and GQA reach it either way."""

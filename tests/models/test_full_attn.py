@@ -121,16 +121,19 @@ def test_input_checks(mutate, message):
                          ids=["one-doc-33", "3-docs", "tiny-docs-then-long", "long-docs"])
 @pytest.mark.parametrize("scale", [None, 0.3], ids=["default-scale", "scale-0.3"])
 def test_varlen_on_gpu_matches_reference_outputs_and_grads(lens, heads, scale):
+    """bf16 kernels against the fp64 reference, by relative error over the whole tensor: elementwise bounds
+    fail on long documents, whose gradients sum thousands of bf16 products (and, without GQA in this torch's
+    kernel, 8 repeated heads)."""
     q, k, v, cu = make(lens, *heads, dtype=torch.bfloat16, d=64)
     q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
     out = full_attn_varlen(q, k, v, cu.cuda(), max(lens), softmax_scale=scale, backend="varlen")
     want = reference(q, k, v, lens, scale if scale is not None else 64 ** -0.5)
-    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = torch.autograd.grad(want, (q, k, v), grad_out.double())
-    for name, a, b in zip("qkv", got, expected):
-        torch.testing.assert_close(a.double(), b.double(), atol=5e-2, rtol=5e-2, msg=lambda m, n=name: f"d{n}: {m}")
+    for name, a, b in zip(["out", "dq", "dk", "dv"], (out, *got), (want, *expected)):
+        rel = ((a.double() - b).norm() / b.norm()).item()
+        assert rel < 1e-2, f"{name}: relative error {rel:.2e}"
 
 
 @pytest.mark.gpu
@@ -187,3 +190,23 @@ def test_varlen_adapts_to_both_torch_signatures(monkeypatch, api, heads):
     q, k, v, cu = make(lens, *heads)
     out = full_attn._varlen(q, k, v, cu.tolist(), 17, 0.3)
     torch.testing.assert_close(out.double(), reference(q, k, v, lens, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens,expected", [((40000,), "sdpa"), ((9000, 9000), "sdpa"), ((2048,) * 16, "varlen"),
+                                           ((30000, *(10,) * 100), "varlen")],
+                         ids=["one-long-doc", "two-long-docs", "16-short-docs", "one-long-many-tiny"])
+def test_auto_picks_per_pack_between_sdpa_and_one_varlen_call(monkeypatch, lens, expected):
+    """With varlen available (a stand-in here), auto takes it for short documents, sdpa for long ones."""
+    from moba_train.ops import full_attn
+
+    used = []
+    for name in ("sdpa", "varlen"):
+        b = full_attn.FULL_ATTN_BACKENDS[name]
+        monkeypatch.setitem(full_attn.FULL_ATTN_BACKENDS, name, type(b)(
+            name, lambda q, *a, n=name: used.append(n) or q, devices=("cpu",), auto_rank=b.auto_rank))
+    monkeypatch.setitem(full_attn.FULL_ATTN_BACKENDS, "flash", type(b)("flash", None, ("cuda",), None))
+    T = sum(lens)
+    q = torch.zeros(T, 1, 8)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    full_attn_varlen(q, q, q, cu, max(lens))
+    assert used == [expected]

@@ -78,7 +78,7 @@ def build(args):
         model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.config.use_cache = False
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                          offload=args.offload_activations)
+                                          offload=args.offload_activations, every_n_layers=args.checkpoint_every)
     if args.tiled_mlp > 1:
         from moba_train.models.tiled_mlp import tile_mlps
         tile_mlps(model, args.tiled_mlp)
@@ -122,6 +122,8 @@ def measure(engine, model, args, seq_len: int, mode: str, steps: int, warmup: in
             "mfu": flops / step_s / (lay.world * peak.tflops * 1e12), "peak_tflops": peak.tflops,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if ON_GPU else None, "loss": result.loss,
             "skipped": result.skipped, "plan": plan.describe(), "layers": model.config.num_hidden_layers,
+            "checkpoint_every": args.checkpoint_every, "offload_activations": args.offload_activations,
+            "tiled_mlp": args.tiled_mlp,
             "device": torch.cuda.get_device_name() if ON_GPU else "cpu", "date": str(datetime.date.today())}
 
 
@@ -176,6 +178,7 @@ def main():
     p.add_argument("--tiny", action="store_true", help="a tiny model: checks the script itself, e.g. on CPU")
     p.add_argument("--tiled-mlp", type=int, default=1)
     p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="recompute only every n-th layer (1: all)")
     p.add_argument("--full-backend", default="auto", help="the full-attention layers' backend (full_attn.py)")
     p.add_argument("--loss-chunk", type=int, default=8192)
     p.add_argument("--out")

@@ -60,6 +60,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     offload_activations: bool = False   # keep checkpointed layer inputs in CPU memory
+    checkpoint_every_n_layers: int = 1  # with checkpointing: only every n-th layer recomputes (speed for memory)
     tiled_mlp_chunks: int = 1           # > 1: run each MLP over the sequence in this many chunks
 
 

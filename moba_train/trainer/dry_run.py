@@ -208,6 +208,7 @@ def check_stage(cfg: RunConfig, index: int, stage: StageConfig, shape: Shape, re
                   dtype_bytes=_dtype_bytes(cfg), zero_stage=cfg.deepspeed.zero_stage,
                   offload_optimizer=cfg.deepspeed.offload_optimizer, offload_params=cfg.deepspeed.offload_params,
                   checkpointing=cfg.model.activation_checkpointing, offload_activations=cfg.model.offload_activations,
+                  checkpoint_every=cfg.model.checkpoint_every_n_layers,
                   tiled_mlp_chunks=cfg.model.tiled_mlp_chunks, loss_chunk_tokens=cfg.trainer.loss_chunk_tokens,
                   moba_topk=topk)
     return rules, layout, estimate(shape, setup)

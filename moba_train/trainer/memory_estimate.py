@@ -16,7 +16,8 @@ Then the larger of two phases (their columns are both shown; only the larger one
 
   forward/backward, with t = micro_batch * seq_len / sp tokens per GPU:
     activations  with activation checkpointing, each layer's input (t*h*b; in host memory with
-                 offload_activations) plus one recomputed layer's tensors (norms and their fp32 upcast,
+                 offload_activations; only every n-th layer's with checkpoint_every_n_layers, the others
+                 keep all their tensors) plus one recomputed layer's tensors (norms and their fp32 upcast,
                  q/k/v, attention output, the MLP intermediate / tiled_mlp_chunks) and a quarter more for
                  their gradients;
                  without checkpointing, every layer's tensors.
@@ -79,6 +80,7 @@ class Setup:
     tiled_mlp_chunks: int
     loss_chunk_tokens: int
     moba_topk: int | None        # None: no MoBA layer in the stage
+    checkpoint_every: int = 1    # with checkpointing: only every n-th layer recomputes, the others keep everything
 
 
 @dataclass
@@ -116,11 +118,12 @@ def estimate(shape: Shape, s: Setup) -> Estimate:
     layer_tensors = (t * (4 * h + q_width + 2 * kv_width + 3 * inter / max(1, s.tiled_mlp_chunks)) * b
                      + t * h * 4)                               # RMSNorm's fp32 upcast of the hidden state
     if s.checkpointing:
-        kept = shape.layers * t * h * b
+        recomputed = -(-shape.layers // s.checkpoint_every)       # layers 0, n, 2n, ... recompute
+        kept = recomputed * t * h * b
         if s.offload_activations:
             host += kept
             kept = 0.0
-        activations = kept + GRADIENT_SHARE * layer_tensors
+        activations = kept + (shape.layers - recomputed) * layer_tensors + GRADIENT_SHARE * layer_tensors
     else:
         activations = shape.layers * layer_tensors + GRADIENT_SHARE * layer_tensors
     parts["activations"] = activations

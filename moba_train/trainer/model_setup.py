@@ -50,18 +50,27 @@ def load_for_training(cfg: RunConfig) -> LoadedModel:
     model = loaded.model
     model.train()
     model.config.use_cache = False
-    if m.offload_activations and not m.activation_checkpointing:
-        raise ValueError("model.offload_activations moves the checkpointed layer inputs to CPU memory: it needs "
-                         "model.activation_checkpointing=true")
-    if m.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                                  offload=m.offload_activations)
-        elif m.offload_activations:
-            raise ValueError("model.offload_activations needs transformers' activation_checkpointing_enable(offload=...) "
-                             "(transformers >= 5.20); upgrade transformers or set model.offload_activations=false")
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, m)
     if m.tiled_mlp_chunks > 1:
         tile_mlps(model, m.tiled_mlp_chunks)
     return loaded
+
+
+def apply_activation_checkpointing(model, m) -> None:
+    """model.activation_checkpointing / offload_activations / checkpoint_every_n_layers on a loaded model."""
+    if m.offload_activations and not m.activation_checkpointing:
+        raise ValueError("model.offload_activations moves the checkpointed layer inputs to CPU memory: it needs "
+                         "model.activation_checkpointing=true")
+    if m.checkpoint_every_n_layers < 1:
+        raise ValueError(f"model.checkpoint_every_n_layers must be >= 1 (1: every layer), got {m.checkpoint_every_n_layers}")
+    if m.activation_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                  offload=m.offload_activations,
+                                                  every_n_layers=m.checkpoint_every_n_layers)
+        elif m.offload_activations or m.checkpoint_every_n_layers > 1:
+            raise ValueError("model.offload_activations and model.checkpoint_every_n_layers need transformers' "
+                             "activation_checkpointing_enable (transformers >= 5.20); upgrade transformers, or set "
+                             "model.offload_activations=false and model.checkpoint_every_n_layers=1")
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -87,6 +87,12 @@ def test_memory_terms_follow_zero_sharding_and_offload():
     assert zero0.parts["activations"] - kept.parts["activations"] == pytest.approx(16 * 4096 * 2048 * 2 / gib)
     assert estimate(shape, dataclasses.replace(base, checkpointing=False)).parts["activations"] > \
         zero0.parts["activations"]
+    every2 = estimate(shape, dataclasses.replace(base, checkpoint_every=2)).parts["activations"]
+    none = estimate(shape, dataclasses.replace(base, checkpointing=False)).parts["activations"]
+    assert zero0.parts["activations"] < every2 < none
+    # 8 of 16 layers keep their inputs only, the other 8 keep every tensor
+    layer_tensors = (none - zero0.parts["activations"] + 16 * 4096 * 2048 * 2 / gib) / 16
+    assert every2 == pytest.approx(zero0.parts["activations"] - 8 * 4096 * 2048 * 2 / gib + 8 * layer_tensors)
 
 
 def test_cli_dry_run_exit_status_follows_the_verdict_and_writes_nothing(tmp_path):

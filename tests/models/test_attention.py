@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moba_train.models import ATTN_IMPLEMENTATION, AttentionPlan, attach_plan
+from moba_train.models import ATTN_IMPLEMENTATION, AttentionPlan, attach_plan, build_from_config
 from tests.models.tiny import FAMILIES, logits, pack, random_docs, stock_model, tiny_config, with_plan
 
 FULL = {"block_size": 4, "topk": 2, "moba_layers": "none"}
@@ -244,3 +244,18 @@ def test_activation_checkpointing_keeps_the_packed_boundaries():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_checkpointing_every_second_layer_recomputes_only_those():
+    import types
+
+    from moba_train.trainer.model_setup import apply_activation_checkpointing
+
+    model = build_from_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2), seed=0)
+    m = types.SimpleNamespace(activation_checkpointing=True, offload_activations=False, checkpoint_every_n_layers=2)
+    apply_activation_checkpointing(model, m)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
+    with pytest.raises(ValueError, match="checkpoint_every_n_layers must be >= 1"):
+        apply_activation_checkpointing(model, types.SimpleNamespace(activation_checkpointing=True,
+                                                                    offload_activations=False, checkpoint_every_n_layers=0))

@@ -193,7 +193,12 @@ def main():
 
     for seq_len in args.seq_lens:
         for mode in args.modes:
-            emit(measure(engine, model, args, seq_len, mode, args.steps, args.warmup), args)
+            try:
+                emit(measure(engine, model, args, seq_len, mode, args.steps, args.warmup), args)
+            except torch.OutOfMemoryError as e:    # one rank out of memory: the NCCL peers stop at the next collective
+                emit({"mode": mode, "seq_len": seq_len, "sp": args.sp, "oom": True, "error": str(e).split(". ")[0],
+                      "checkpoint_every": args.checkpoint_every}, args)
+                raise
 
     if args.longest and args.try_lengths:
         best, worst, t0 = None, None, time.perf_counter()

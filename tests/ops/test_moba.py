@@ -239,3 +239,22 @@ def test_auto_skips_a_backend_that_does_not_take_the_dtype_and_naming_it_says_wh
     assert resolve("auto", torch.device("cpu"), torch.float16).name == "half-only"
     with pytest.raises(RuntimeError, match=r"takes \['torch.float16'\], not torch.float32; use one of .*'lean'"):
         moba_attn_varlen(**_valid_args(), backend="half-only")
+
+
+def test_boundaries_are_read_once_per_tensor_and_an_in_place_change_is_seen():
+    """Layers share one cu_seqlens tensor: its host copy and block layout are cached on it, keyed by its
+    version counter, so an in-place edit can never serve stale boundaries."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    first = moba_attn_varlen(q, k, v, cu, 23, block_size=4, topk=2, backend="lean")
+    cached = cu._moba_host_cu
+    assert cached[1] == [0, 17, 40]
+    again = moba_attn_varlen(q, k, v, cu, 23, block_size=4, topk=2, backend="lean")
+    assert cu._moba_host_cu is cached and torch.equal(first, again)
+    cu[1] = 25                                             # in place: the version counter moves
+    moved = moba_attn_varlen(q, k, v, cu, 25, block_size=4, topk=2, backend="lean")
+    fresh = moba_attn_varlen(q, k, v, torch.tensor([0, 25, 40], dtype=torch.int32), 25, block_size=4, topk=2,
+                             backend="lean")
+    assert cu._moba_host_cu[1] == [0, 25, 40]
+    torch.testing.assert_close(moved, fresh, atol=0, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import flash, flex, triton
-from .layout import BlockLayout, build_layout, check_inputs
+from .layout import BlockLayout, build_layout, check_inputs, layout_for
 from .lean import moba_lean
 from .naive import moba_naive
 from .registry import BACKENDS, Backend, register, resolve
@@ -36,10 +36,10 @@ def moba_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     blocks of the same document whose mean key scores highest against it (all of them when fewer
     exist). topk >= the number of blocks is exactly full causal attention. Returns [T, Hq, D] in q's dtype.
     """
-    cu = check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, topk, softmax_scale)
+    check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, topk, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     chosen = resolve(backend, q.device, q.dtype)
-    layout = build_layout(cu, block_size, q.device)
+    layout = layout_for(cu_seqlens, block_size)
     return chosen.fn(q, k, v, layout, topk=topk, softmax_scale=scale)
 
 

@@ -38,7 +38,7 @@ def check_inputs(q, k, v, cu_seqlens, max_seqlen, block_size, topk, softmax_scal
         raise ValueError(f"q, k, v and cu_seqlens must be on one device, got {q.device}, {k.device}, {v.device}, {cu_seqlens.device}")
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens needs at least two entries [0, T]")
-    cu = cu_seqlens.tolist()
+    cu = host_boundaries(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
     if any(b <= a for a, b in zip(cu, cu[1:])):
@@ -76,6 +76,31 @@ class BlockLayout:
     @property
     def num_tokens(self) -> int:
         return self.cu_seqlens[-1]
+
+
+# Every attention layer of a forward (and its recompute) gets the same cu_seqlens tensor. Reading it to the
+# host is a device sync, and building the block tables costs a few launches: done once per tensor, the
+# results ride on the tensor itself, keyed by its version counter (an in-place change invalidates them).
+
+def host_boundaries(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a Python list, read from the device once per tensor."""
+    cached = getattr(cu_seqlens, "_moba_host_cu", None)
+    if cached is not None and cached[0] == cu_seqlens._version:
+        return cached[1]
+    cu = cu_seqlens.tolist()
+    cu_seqlens._moba_host_cu = (cu_seqlens._version, cu)
+    return cu
+
+
+def layout_for(cu_seqlens: torch.Tensor, block_size: int) -> BlockLayout:
+    """build_layout for this tensor's boundaries and block size, built once per tensor."""
+    cache = getattr(cu_seqlens, "_moba_layouts", None)
+    if cache is None or cache[0] != cu_seqlens._version:
+        cache = (cu_seqlens._version, {})
+        cu_seqlens._moba_layouts = cache
+    if block_size not in cache[1]:
+        cache[1][block_size] = build_layout(host_boundaries(cu_seqlens), block_size, cu_seqlens.device)
+    return cache[1][block_size]
 
 
 def build_layout(cu: list[int], block_size: int, device: torch.device) -> BlockLayout:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .moba.layout import check_inputs
+from .moba.layout import check_inputs, host_boundaries
 from .moba.registry import Backend, BackendRegistry
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,11 @@ LONG_DOCUMENT = 8192    # mean document length from which `auto` prefers sdpa (c
 FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
-def _sdpa(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+# Every backend takes the validated int32 boundaries as the device tensor: the one-call kernels use it
+# as it is (no per-layer host-to-device copy); sdpa reads its host copy, cached on the tensor.
+
+def _sdpa(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+    cu = host_boundaries(cu_seqlens)
     fused_only = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     outs = []
     with sdpa_kernel(FUSED_SDPA) if fused_only else contextlib.nullcontext():
@@ -50,11 +54,10 @@ def _sdpa(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torc
     return torch.cat(outs, dim=0)
 
 
-def _flash(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+def _flash(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
-    return flash_attn_varlen_func(q, k, v, cu_t, cu_t, max_seqlen, max_seqlen, softmax_scale=softmax_scale,
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=softmax_scale,
                                   causal=True)
 
 
@@ -66,9 +69,8 @@ def _varlen_api():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _varlen(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> torch.Tensor:
+def _varlen(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float) -> torch.Tensor:
     varlen_attn, params = _varlen_api()
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)                  # causal
@@ -84,7 +86,7 @@ def _varlen(q, k, v, cu: list[int], max_seqlen: int, softmax_scale: float) -> to
         # this torch's varlen kernel has no GQA: the KV heads are repeated (memory T x Hq x D, as SDPA's math path)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return varlen_attn(q, k, v, cu_t, cu_t, max_seqlen, max_seqlen, **kwargs)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def _varlen_missing() -> str | None:
@@ -129,7 +131,7 @@ def full_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     chosen = resolve(backend, q.device, q.dtype)
     if backend == "auto" and chosen.name == "varlen" and q.shape[0] >= LONG_DOCUMENT * (len(cu) - 1):
         chosen = FULL_ATTN_BACKENDS["sdpa"]           # long documents: cuDNN per document beats one varlen call
-    return chosen.fn(q, k, v, cu, max_seqlen, scale)
+    return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 __all__ = ["full_attn_varlen", "FULL_ATTN_BACKENDS", "register", "resolve"]

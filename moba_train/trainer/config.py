@@ -280,6 +280,7 @@ def check_optimizer(spec: dict) -> None:
     """trainer.optimizer names an importable optimizer class and only arguments it takes (lr is the stage's)."""
     import inspect
 
+    import torch
     from hydra.utils import get_class
 
     target = spec.get("_target_")
@@ -288,7 +289,7 @@ def check_optimizer(spec: dict) -> None:
     except Exception:
         raise ConfigError(f"trainer.optimizer._target_={target!r} is not an importable class; use e.g. "
                           f"torch.optim.AdamW") from None
-    if not (isinstance(cls, type) and issubclass(cls, __import__("torch").optim.Optimizer)):
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"trainer.optimizer._target_={target!r} is not a torch.optim.Optimizer")
     takes = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(spec) - {"_target_"} - takes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -152,6 +153,36 @@ def try_length(engine, model, args, seq_len, mode):
         if agreed_oom(err) else (row, None)
 
 
+def search_longest(engine, model, args) -> None:
+    """One training step at growing lengths until one fails: --try-lengths as given, else doubling from
+    --search-from up to --limit and then --refine bisection steps between the last success and the failure."""
+    t0 = time.perf_counter()
+    in_time = lambda: time.perf_counter() - t0 < args.time_budget      # noqa: E731
+
+    def trains(length: int) -> bool:
+        row, failure = try_length(engine, model, args, length, args.longest)
+        emit(row or {"mode": args.longest, "seq_len": length, "sp": args.sp, "oom": True, **failure}, args)
+        return row is not None
+
+    doubling = itertools.takewhile(lambda n: n <= args.limit, (args.search_from << i for i in itertools.count()))
+    best = worst = None
+    for length in sorted(args.try_lengths) or doubling:
+        if not in_time():
+            break
+        if not trains(length):
+            worst = length
+            break
+        best = length
+    block = MODES[args.longest]["block_size"] * args.sp
+    for _ in range(args.refine if best and worst and not args.try_lengths else 0):
+        mid = (best + worst) // 2 // block * block
+        if mid in (best, worst) or not in_time():
+            break
+        best, worst = (mid, worst) if trains(mid) else (best, mid)
+    emit({"mode": args.longest, "longest_trained": best, "first_oom": worst, "sp": args.sp,
+          "search_seconds": time.perf_counter() - t0}, args)
+
+
 def emit(row: dict, args) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(row), flush=True)
@@ -200,39 +231,8 @@ def main():
                       "checkpoint_every": args.checkpoint_every}, args)
                 raise
 
-    if args.longest and args.try_lengths:
-        best, worst, t0 = None, None, time.perf_counter()
-        for length in sorted(args.try_lengths):
-            if time.perf_counter() - t0 > args.time_budget:
-                break
-            row, failure = try_length(engine, model, args, length, args.longest)
-            emit(row or {"mode": args.longest, "seq_len": length, "sp": args.sp, "oom": True, **failure}, args)
-            if row is None:
-                worst = length
-                break
-            best = length
-        emit({"mode": args.longest, "longest_trained": best, "first_oom": worst, "sp": args.sp,
-              "search_seconds": time.perf_counter() - t0}, args)
-    elif args.longest:
-        best, worst, length = None, None, args.search_from
-        t0 = time.perf_counter()
-        while length <= args.limit and time.perf_counter() - t0 < args.time_budget:
-            row, failure = try_length(engine, model, args, length, args.longest)
-            emit(row or {"mode": args.longest, "seq_len": length, "sp": args.sp, "oom": True, **failure}, args)
-            if row is None:
-                worst = length
-                break
-            best, length = length, length * 2
-        block = MODES[args.longest]["block_size"] * args.sp
-        for _ in range(args.refine if best and worst else 0):
-            mid = (best + worst) // 2 // block * block
-            if mid in (best, worst) or time.perf_counter() - t0 > args.time_budget:
-                break
-            row, failure = try_length(engine, model, args, mid, args.longest)
-            emit(row or {"mode": args.longest, "seq_len": mid, "sp": args.sp, "oom": True, **failure}, args)
-            best, worst = (mid, worst) if row else (best, mid)
-        emit({"mode": args.longest, "longest_trained": best, "first_oom": worst, "sp": args.sp,
-              "search_seconds": time.perf_counter() - t0}, args)
+    if args.longest:
+        search_longest(engine, model, args)
     dist.barrier()
     dist.destroy_process_group()
 

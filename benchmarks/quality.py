@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moba_train.eval.plots import pyplot, save_figure  # noqa: E402
+
 ARMS = {"full": "full", "moba": "moba", "hybrid": "moba_then_full"}   # arm -> attention config group
 COLOURS = {"full": "black", "moba": "tab:orange", "hybrid": "tab:blue"}
 RECIPE = "quality_code"
@@ -124,10 +128,7 @@ def _pct(x: float | None) -> str:
 
 def plot(runs: dict[str, dict], plots_dir: Path) -> list[Path]:
     """quality_loss_by_position.png (one panel per stage) and quality_training_loss.png (loss by tokens)."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots_dir.mkdir(parents=True, exist_ok=True)
     stage_names = list(next(iter(runs.values())))
     # top: loss by position per arm; bottom: each arm minus full attention, where the arms differ
@@ -157,7 +158,7 @@ def plot(runs: dict[str, dict], plots_dir: Path) -> list[Path]:
         bottom.set_ylabel("loss minus full attention's")
         bottom.grid(alpha=0.3)
         bottom.legend(fontsize=8)
-    paths = [_save(plt, fig, plots_dir / "quality_loss_by_position.png")]
+    paths = [save_figure(fig, plots_dir / "quality_loss_by_position.png")]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm, stages in runs.items():
@@ -174,7 +175,7 @@ def plot(runs: dict[str, dict], plots_dir: Path) -> list[Path]:
     ax.set_title("training loss, all stages")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    paths.append(_save(plt, fig, plots_dir / "quality_training_loss.png"))
+    paths.append(save_figure(fig, plots_dir / "quality_training_loss.png"))
     return paths
 
 
@@ -184,13 +185,6 @@ def _ema(values: list[float], decay: float) -> list[float]:
         avg = v if avg is None else decay * avg + (1 - decay) * v
         out.append(avg)
     return out
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def report(out: Path, arms: list[str], plots_dir: Path | None) -> list[dict]:

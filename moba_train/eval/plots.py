@@ -14,7 +14,7 @@ from pathlib import Path
 PLOT_DIR = "plots"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -24,7 +24,7 @@ def _pyplot():
 
 
 def _stage_colours(names: list[str]) -> dict[str, object]:
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     return {name: cmap(i % 10) for i, name in enumerate(names)}
 
@@ -41,7 +41,7 @@ def loss_by_step(records: list[dict], path: Path) -> Path | None:
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     if not train:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     colours = _stage_colours(_in_order(train))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for stage, colour in colours.items():
@@ -54,14 +54,14 @@ def loss_by_step(records: list[dict], path: Path) -> Path | None:
     ax.set_title("training loss by step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_by_position(records: list[dict], path: Path) -> Path | None:
     evals = [r for r in records if r.get("kind") == "eval" and any(v is not None for v in r.get("bucket_loss", []))]
     if not evals:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     colours = _stage_colours(_in_order(evals))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in evals:
@@ -77,7 +77,7 @@ def loss_by_position(records: list[dict], path: Path) -> Path | None:
     ax.set_title("validation loss by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def passkey_heatmap(records: list[dict], path: Path) -> Path | None:
@@ -91,7 +91,7 @@ def passkey_heatmap(records: list[dict], path: Path) -> Path | None:
                     cells[(d, n)] = acc
     if not cells:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     depths = sorted({d for d, _ in cells})
     lengths = sorted({n for _, n in cells})
     grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
@@ -106,7 +106,7 @@ def passkey_heatmap(records: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("key depth")
     ax.set_title("passkey retrieval accuracy")
     fig.colorbar(image, ax=ax, fraction=0.05)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PLOTS = {"loss_by_step": loss_by_step, "loss_by_position": loss_by_position, "passkey_heatmap": passkey_heatmap}
@@ -123,8 +123,8 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> Path:
+    plt = pyplot()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

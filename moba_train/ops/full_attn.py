@@ -95,7 +95,7 @@ def _varlen_missing() -> str | None:
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.9); use backend 'sdpa'"
     if not torch.cuda.is_available():
-        return "no CUDA device: torch's varlen attention runs FlashAttention kernels on NVIDIA GPUs"
+        return "no CUDA device: torch's varlen attention runs FlashAttention kernels on NVIDIA GPUs; use backend 'sdpa'"
     return None
 
 
@@ -131,6 +131,7 @@ def full_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     chosen = resolve(backend, q.device, q.dtype)
     if backend == "auto" and chosen.name == "varlen" and q.shape[0] >= LONG_DOCUMENT * (len(cu) - 1):
         chosen = FULL_ATTN_BACKENDS["sdpa"]           # long documents: cuDNN per document beats one varlen call
+        log.debug("full-attention backend=auto: documents average >= %d tokens, sdpa per document", LONG_DOCUMENT)
     return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
 
 

@@ -33,6 +33,7 @@ import torch
 from moba_train.models import AttentionPlan, LayerAttention, attach_plan, build_from_config
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
+from moba_train.models.hf_compat import model_cache_keyword, output_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("full", "moba")
@@ -106,12 +107,13 @@ def bench_model(L: int, args) -> list[dict]:
     with torch.no_grad():
         out = {}
         prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1)), dev)
-        cache = out["o"].past_key_values
+        cache = output_cache(out["o"])
+        cache_kw = model_cache_keyword(model)
         for mode in args.modes:
             attach_plan(model, plan_for(model, mode, args))
 
             def step(t):
-                model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, t:t + 1], **{cache_kw: cache}, use_cache=True)
 
             for t in range(L, L + args.warmup):
                 step(t)

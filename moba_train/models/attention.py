@@ -29,6 +29,7 @@ from ..ops import moba_attn_varlen
 from ..ops.full_attn import full_attn_varlen
 from .cached_attention import attend_cached, cached_kind
 from .decode_cache import cache_block_means, track_kv_caches
+from .hf_compat import cache_argument
 from .plan import AttentionPlan, LayerAttention
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ def attach_plan(model: torch.nn.Module, plan: AttentionPlan) -> torch.nn.Module:
     if len(modules) != plan.num_layers:
         raise ValueError(f"the plan covers {plan.num_layers} layers but {type(model).__name__} has {len(modules)}; "
                          f"build it with AttentionPlan.from_config(cfg, num_layers={len(modules)})")
+    for m in modules:
+        cache_argument(m)      # before anything changes: refuses a transformers whose cache argument is unknown
     old = model.config
     own = copy.deepcopy(old)
     for m in model.modules():

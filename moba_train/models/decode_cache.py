@@ -7,7 +7,8 @@ does; instead each layer keeps, per KV cache, the means of the blocks completed 
 
 The state lives on the attention module, keyed weakly by the transformers cache object, so a
 generation's state goes away with its cache. Attention functions never see the cache, so a forward
-pre-hook (`track_kv_caches`, added by `attach_plan`) records which cache each call uses. The hook
+pre-hook (`track_kv_caches`, added by `attach_plan`) records which cache each call uses, read from
+the argument that `hf_compat.cache_argument` found in the module's signature. The hook
 also drops a state whose cache was changed other than by appending (beam search's reorder, crop,
 reset, offload): the cache layer's key tensor is then no longer the one the state last saw, and the
 state is rebuilt from the cache, one pass over it, at its next use.
@@ -22,6 +23,7 @@ import torch
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from ..ops.moba import block_means, build_layout
+from .hf_compat import cache_argument
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +118,11 @@ class BlockMeans:
 class KVCacheStates:
     """One attention layer's `BlockMeans` per KV cache object, and the cache of the forward in progress."""
 
-    def __init__(self):
+    def __init__(self, module: torch.nn.Module):
         self.by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.current = None                # weakref to the cache of the forward in progress, or None
+        self.argument = cache_argument(module)   # raises if the module takes no cache argument we know
+        self.last_call_keywords: list[str] = []  # for the error when a decoding call brought no cache
 
 
 def _cache_layer(cache, layer_idx: int):
@@ -133,7 +137,8 @@ def _cache_layer_keys(cache, layer_idx: int) -> torch.Tensor | None:
 def _note_cache(module: torch.nn.Module, args, kwargs) -> None:
     """Forward pre-hook: remember this call's cache; forget its block means if the cache was changed meanwhile."""
     states: KVCacheStates = module.kv_cache_states
-    cache = kwargs.get("past_key_values")
+    _, cache = states.argument.read(args, kwargs)
+    states.last_call_keywords = sorted(kwargs)
     if isinstance(_cache_layer(cache, module.layer_idx), StaticLayer):
         # Its keys are the whole preallocated buffer, not the tokens so far: attention would see empty slots.
         raise ValueError(f"moba-train's attention does not support static KV caches ({type(cache).__name__}); "
@@ -153,7 +158,7 @@ def _note_cache(module: torch.nn.Module, args, kwargs) -> None:
 def track_kv_caches(module: torch.nn.Module) -> None:
     """Let `module` (an attention module) keep block means per KV cache; idempotent."""
     if not isinstance(getattr(module, "kv_cache_states", None), KVCacheStates):
-        module.kv_cache_states = KVCacheStates()
+        module.kv_cache_states = KVCacheStates(module)
         module.register_forward_pre_hook(_note_cache, with_kwargs=True)
 
 
@@ -166,9 +171,14 @@ def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: in
     states = getattr(module, "kv_cache_states", None)
     cache = states.current() if states is not None and states.current is not None else None
     if cache is None:
-        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) decodes over a KV "
-                           f"cache it was not told about: sparse MoBA decoding needs attach_plan's cache hook and "
-                           f"past_key_values passed to the attention module as a keyword (as transformers does)")
+        where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+        if states is None:
+            raise RuntimeError(f"{where} decodes over a KV cache it was not told about: sparse MoBA decoding needs "
+                               f"attach_plan's cache hook (moba_train.models.attach_plan)")
+        raise RuntimeError(f"{where} decodes over a KV cache, but its call passed no {states.argument.keyword!r} "
+                           f"(keywords passed: {states.last_call_keywords}): the installed transformers hands the "
+                           f"cache to attention modules some other way. Install the tested versions (make install "
+                           f"uses the lock) or teach moba_train/models/hf_compat.py the new convention")
     layer = _cache_layer(cache, module.layer_idx)
     if not isinstance(layer, DynamicLayer):
         raise ValueError(f"sparse MoBA decoding needs transformers' DynamicCache, got {type(cache).__name__} "

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moba_train.models import ATTN_IMPLEMENTATION, AttentionPlan, attach_plan, build_from_config
+from moba_train.models.hf_compat import model_cache_keyword, output_cache
 from tests.models.tiny import FAMILIES, logits, pack, random_docs, stock_model, tiny_config, with_plan
 
 FULL = {"block_size": 4, "topk": 2, "moba_layers": "none"}
@@ -130,9 +131,10 @@ def test_moba_decoding_with_cache_equals_recomputing_without(plan):
     full = logits(model, input_ids=seq)
     with torch.no_grad():
         out = model(input_ids=seq[:, :9], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
+        kw = model_cache_keyword(model)
         for t in range(9, 30):   # crosses several block boundaries (block_size 4)
-            out = model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=seq[:, t:t + 1], **{kw: cache}, use_cache=True)
             torch.testing.assert_close(out.logits[0, -1], full[0, t], **TOL)
 
 

@@ -12,6 +12,7 @@ from moba_train.models import AttentionPlan, LayerAttention
 from moba_train.models.plan import DECODE_MODES
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
+from moba_train.models.hf_compat import model_cache_keyword, output_cache
 from moba_train.ops import moba_attn_varlen
 from moba_train.ops.moba import block_means, build_layout
 from tests.models.tiny import FAMILIES, logits, stock_model, with_plan
@@ -150,7 +151,7 @@ def test_greedy_generate_equals_recomputing_with_the_operator(family):
     assert torch.equal(out.sequences, want)
     for got, ref in zip(out.logits, want_logits):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
-    states = model.model.layers[0].self_attn.kv_cache_states.by_cache[out.past_key_values]
+    states = model.model.layers[0].self_attn.kv_cache_states.by_cache[output_cache(out)]
     assert states.complete == [23 // 4]   # the last token was never fed back, so 23 keys are cached
 
 
@@ -178,12 +179,13 @@ def test_cache_changed_outside_decoding_rebuilds_the_means(caplog):
     seq = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
     want = logits(model, input_ids=seq)
     with torch.no_grad():
-        cache = model(input_ids=seq[:, :9], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=seq[:, :9], use_cache=True))
+        kw = model_cache_keyword(model)
         for t in range(9, 22):
-            model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=seq[:, t:t + 1], **{kw: cache}, use_cache=True)
         cache.crop(-7)                                   # back to 15 tokens
         for t in range(15, 30):
-            out = model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=seq[:, t:t + 1], **{kw: cache}, use_cache=True)
             torch.testing.assert_close(out.logits[0, -1], want[0, t], atol=2e-5, rtol=1e-5)
     assert "rebuilt from the cache" in caplog.text
 

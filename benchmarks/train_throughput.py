@@ -34,7 +34,7 @@ from moba_train.distributed.groups import layout                               #
 from moba_train.distributed.ulysses import apply_sequence_parallel, shard_batch  # noqa: E402
 from moba_train.models import AttentionPlan, attach_plan                        # noqa: E402
 from moba_train.tracking.flops import ModelShape, device_peak, step_flops       # noqa: E402
-from moba_train.trainer.lm import PackedCausalLM                                 # noqa: E402
+from moba_train.job.lm import PackedCausalLM                                 # noqa: E402
 from moba_train.trainer.step import train_step                                   # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -108,7 +108,7 @@ def _rank_overrides() -> list[str]:
 
 def run_job(cfg_dict: dict, invocation: Invocation | None = None):
     """Validate a composed config and run it (train, eval or dry run); every entry point ends here."""
-    from moba_train.trainer.config import load_run_config
+    from moba_train.config import load_run_config
 
     invocation = invocation or Invocation()
     run_cfg = load_run_config(cfg_dict)
@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
     from omegaconf import OmegaConf
 
+    from moba_train.config import register_schema
     from moba_train.schema import ConfigError
+
+    register_schema()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _app(cfg) -> None:

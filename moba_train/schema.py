@@ -1,12 +1,15 @@
 """Strict conversion of plain dicts (a composed Hydra config) into dataclasses.
 
 Unknown keys, missing required keys and wrong types fail with the config path and the allowed
-keys, so a typo in a recipe is caught before any model is built.
+keys (and the nearest one, for a typo), so a mistake in a recipe is caught before any model is built.
+A field restricted to a few strings is declared with `one_of(...)` rather than `Literal`, which
+OmegaConf (Hydra's structured configs) cannot hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Mapping
@@ -14,6 +17,16 @@ from typing import Any, Mapping
 
 class ConfigError(ValueError):
     """A configuration problem; the message says where and how to fix it."""
+
+
+def one_of(*choices: str | None, default: str | None):
+    """A dataclass field that takes one of `choices` (checked by from_dict), for Hydra-compatible schemas."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def did_you_mean(key: str, allowed) -> str:
+    near = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def from_dict(cls, data: Any, where: str = "config"):
@@ -24,12 +37,17 @@ def from_dict(cls, data: Any, where: str = "config"):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        hints = "".join(did_you_mean(k, fields) for k in unknown[:1])
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hints}; allowed: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+            choices = field.metadata.get("choices")
+            if choices is not None and kwargs[name] not in choices:
+                raise ConfigError(f"{where}.{name}: {kwargs[name]!r} is not one of {list(choices)}"
+                                  f"{did_you_mean(str(kwargs[name]), [c for c in choices if c])}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {name!r}")
     try:

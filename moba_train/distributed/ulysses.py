@@ -20,6 +20,7 @@ import torch
 from deepspeed.sequence.layer import DistributedAttention
 
 from moba_train.models.attention import attend_varlen, attention_modules
+from moba_train.models.context import attention_context
 
 from .groups import sequence_parallel_group
 
@@ -61,16 +62,16 @@ class UlyssesAttention:
 
 def apply_sequence_parallel(model: torch.nn.Module, sp: int) -> None:
     """Make every attention module of `model` run Ulysses over this rank's group of `sp` (1: off)."""
-    modules = attention_modules(model)
+    contexts = [attention_context(m) for m in attention_modules(model)]
     if sp == 1:
-        for m in modules:
-            m.sequence_parallel = None
+        for c in contexts:
+            c.sequence_parallel = None
         return
     group = sequence_parallel_group(sp)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    for m in modules:
-        m.sequence_parallel = UlyssesAttention(group, sp, heads, kv_heads)
+    for c in contexts:
+        c.sequence_parallel = UlyssesAttention(group, sp, heads, kv_heads)
 
 
 def shard_batch(batch: dict, sp_rank: int, sp: int) -> dict:

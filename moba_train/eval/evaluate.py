@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+from moba_train.job.checkpoint_files import is_checkpoint, read_state
+from moba_train.job.lm import PackedCausalLM
+from moba_train.job.model_setup import load_for_training, load_tokenizer, model_dtype
+from moba_train.job.stage_data import build_stream
 from moba_train.models import AttentionPlan, attach_plan, load_hf_dir, set_rope
 from moba_train.schema import ConfigError
 from moba_train.tracking.metrics_file import FILE_NAME, MetricsFile, read_records
@@ -47,22 +51,12 @@ class Loaded:
     source: str
 
 
-def _is_training_checkpoint(path: Path) -> bool:
-    from moba_train.trainer.checkpoint import STATE_FILE
-
-    return (path / STATE_FILE).is_file()
-
-
 def load_hf(cfg, path: Path) -> Loaded:
-    from moba_train.trainer.config import stage_attention
-    from moba_train.trainer.engine import model_dtype
-    from moba_train.trainer.model_setup import load_tokenizer
-
     loaded = load_hf_dir(path, dtype=model_dtype(cfg))
     plan = loaded.plan
     if plan is None:
         layers = loaded.model.config.num_hidden_layers
-        plan = AttentionPlan.from_config(stage_attention(cfg, cfg.stages[-1]), layers)
+        plan = AttentionPlan.from_config(cfg.stages[-1].attention, layers)
         plan.set_progress(1.0)
         attach_plan(loaded.model, plan)
     tokenizer = loaded.tokenizer if loaded.tokenizer is not None else (
@@ -87,11 +81,6 @@ def _checkpoint_weights(ckpt: Path) -> dict:
 
 def load_training_checkpoint(cfg, ckpt: Path) -> Loaded:
     """The recipe's model with the checkpoint's weights, RoPE and attention plan at the checkpoint's step."""
-    from moba_train.trainer.checkpoint import read_state
-    from moba_train.trainer.config import stage_attention, stage_sequence_parallel
-    from moba_train.trainer.model_setup import load_for_training
-    from moba_train.trainer.stage_data import stage_steps
-
     state = read_state(ckpt)
     loaded = load_for_training(cfg)
     model = loaded.model
@@ -103,15 +92,13 @@ def load_training_checkpoint(cfg, ckpt: Path) -> Loaded:
                          f"unexpected {sorted(unexpected)[:5]}); pass the recipe the job was trained with")
     # The stage the weights belong to: a stage-end checkpoint points at the start of the next stage.
     index = state.stage_index - 1 if state.stage_step == 0 and state.stage_index > 0 else state.stage_index
-    index = min(index, len(cfg.stages) - 1)
-    for stage in cfg.stages[:index + 1]:
-        if stage.rope.theta is not None or stage.rope.scaling is not None:
-            set_rope(model, theta=stage.rope.theta, scaling=stage.rope.scaling)
-    stage = cfg.stages[index]
-    plan = AttentionPlan.from_config(stage_attention(cfg, stage), model.config.num_hidden_layers)
-    if index == state.stage_index:
+    stage = cfg.stages[min(index, len(cfg.stages) - 1)]
+    if stage.rope.changes_model:
+        set_rope(model, theta=stage.rope.theta, scaling=stage.rope.scaling)
+    plan = AttentionPlan.from_config(stage.attention, model.config.num_hidden_layers)
+    if stage.index == state.stage_index:
         world = state.world.get("world", 1)
-        total = stage_steps(stage, max(1, world // stage_sequence_parallel(cfg, stage)))
+        total = stage.total_steps(max(1, world // stage.sequence_parallel))
         plan.set_progress(min(1.0, state.stage_step / total))
     else:
         plan.set_progress(1.0)
@@ -121,11 +108,8 @@ def load_training_checkpoint(cfg, ckpt: Path) -> Loaded:
 
 
 def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
-    from moba_train.trainer.lm import PackedCausalLM
-    from moba_train.trainer.stage_data import build_stream
-
     checkpoint = checkpoint.expanduser()
-    if _is_training_checkpoint(checkpoint):
+    if is_checkpoint(checkpoint):
         loaded = load_training_checkpoint(cfg, checkpoint)
     elif (checkpoint / "config.json").is_file():
         loaded = load_hf(cfg, checkpoint)
@@ -143,15 +127,15 @@ def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
     module = PackedCausalLM(model, cfg.trainer.loss_chunk_tokens)
     metrics.append({"kind": "eval_source", "step": 0, "source": loaded.source, "plan": loaded.plan.describe()})
 
-    for index, stage in enumerate(cfg.stages):
+    for stage in cfg.stages:
         if not stage.eval or cfg.trainer.eval_batches < 1:
             continue
-        stream = build_stream(cfg, index, loaded.tokenizer, 0, 1)
+        stream = build_stream(cfg, stage, loaded.tokenizer, 0, 1)
         batches = stream.validation_batches(max_packs=cfg.trainer.eval_batches * stage.micro_batch_size)
         ev = evaluate_position_loss(module, batches, stage.seq_len, buckets=cfg.eval.position_buckets,
                                     tail_tokens=cfg.eval.tail_tokens)
         result.position_loss[stage.name] = ev
-        metrics.append({"kind": "eval", "step": 0, "stage_index": index, "stage": stage.name, **asdict(ev)})
+        metrics.append({"kind": "eval", "step": 0, "stage_index": stage.index, "stage": stage.name, **asdict(ev)})
         tail = "-" if ev.tail_loss is None else f"{ev.tail_loss:.4f}"
         print(f"{stage.name}: validation loss {ev.mean_loss:.4f} over {ev.tokens:,} tokens at length "
               f"{stage.seq_len:,}, trailing {ev.tail_window:,} tokens {tail}", flush=True)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moba_train.trainer.step import to_device
+from moba_train.job.lm import to_device
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The attention function moba-train registers with transformers, and `attach_plan`.
 
 Registered under ATTN_IMPLEMENTATION ("moba_train") with `transformers.AttentionInterface`; no
-transformers class is patched. Each call asks `module.attention_plan.at(module.layer_idx)` and runs
+transformers class is patched. Each call asks its module's context (`models.context`) for the plan,
+`plan.at(module.layer_idx)`, and runs
 full or MoBA attention on varlen tensors:
 
 * document boundaries come from the `cu_seq_lens_q`/`max_length_q` kwargs (what the trainer passes),
@@ -28,6 +29,7 @@ from transformers.masking_utils import flash_attention_mask
 from ..ops import moba_attn_varlen
 from ..ops.full_attn import full_attn_varlen
 from .cached_attention import attend_cached, cached_kind
+from .context import AttentionContext, attention_context, has_context
 from .decode_cache import cache_block_means, track_kv_caches
 from .hf_compat import cache_argument
 from .plan import AttentionPlan, LayerAttention
@@ -59,12 +61,7 @@ def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 
 def _layer_attention(module) -> LayerAttention:
-    plan = getattr(module, "attention_plan", None)
-    if plan is None:
-        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no attention plan: "
-                           f"call moba_train.models.attach_plan(model, plan) before running a model with "
-                           f"attn_implementation={ATTN_IMPLEMENTATION!r}")
-    return plan.at(module.layer_idx)
+    return attention_context(module).plan.at(module.layer_idx)
 
 
 def _padding_mask(attention_mask, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -135,7 +132,7 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
         block_means = cache_block_means(module, K - S, layer.block_size) if cached_kind(layer) == "moba" else None
         return attend_cached(query, key, value, padding, layer, scaling, block_means), None
 
-    sequence_parallel = getattr(module, "sequence_parallel", None)
+    sequence_parallel = attention_context(module).sequence_parallel
     if sequence_parallel is not None:
         # Ulysses (moba_train.distributed): this rank holds S of each row's positions; the pack's global
         # boundaries come from the trainer, since local position_ids cannot tell them.
@@ -204,12 +201,34 @@ def attach_plan(model: torch.nn.Module, plan: AttentionPlan) -> torch.nn.Module:
         if getattr(m, "config", None) is old:
             m.config = own
     for m in modules:
-        m.attention_plan = plan
-        track_kv_caches(m)
+        if has_context(m):
+            attention_context(m).plan = plan
+        else:
+            m.moba_train = AttentionContext(plan=plan, kv_caches=track_kv_caches(m))
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     log.info("attention plan attached to %s: %s", type(model).__name__, plan.describe())
     return model
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "attend_varlen", "attach_plan", "attention_modules", "moba_train_attention",
-           "VARLEN_OPS"]
+
+
+def backend_choices(plan: AttentionPlan, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Which backend each layer kind of `plan` runs on `device` in `dtype` (what `auto` resolves to), over all
+    of the plan's phases: {"moba": "triton", "full": "varlen (sdpa per document when ...)"}."""
+    from ..ops.full_attn import FULL_ATTN_BACKENDS, LONG_DOCUMENT
+    from ..ops.moba import BACKENDS as MOBA_BACKENDS
+
+    kinds = {plan.at(i, start).mode for start in plan.phase_starts() for i in range(plan.num_layers)}
+    out = {}
+    if "moba" in kinds:
+        out["moba"] = MOBA_BACKENDS.resolve(plan.config.backend, device, dtype).name
+    if "full" in kinds:
+        name = FULL_ATTN_BACKENDS.resolve(plan.config.full_backend, device, dtype).name
+        if plan.config.full_backend == "auto" and name == "varlen":
+            name += f" (sdpa per document when documents average >= {LONG_DOCUMENT} tokens)"
+        out["full"] = name
+    return out
+
+
+__all__ = ["ATTN_IMPLEMENTATION", "attend_varlen", "attach_plan", "attention_modules", "backend_choices",
+           "moba_train_attention", "VARLEN_OPS"]

@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from ..ops.moba import block_means, build_layout
+from .context import attention_context
 from .hf_compat import cache_argument
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _cache_layer_keys(cache, layer_idx: int) -> torch.Tensor | None:
 
 def _note_cache(module: torch.nn.Module, args, kwargs) -> None:
     """Forward pre-hook: remember this call's cache; forget its block means if the cache was changed meanwhile."""
-    states: KVCacheStates = module.kv_cache_states
+    states: KVCacheStates = attention_context(module).kv_caches
     _, cache = states.argument.read(args, kwargs)
     states.last_call_keywords = sorted(kwargs)
     if isinstance(_cache_layer(cache, module.layer_idx), StaticLayer):
@@ -155,11 +156,12 @@ def _note_cache(module: torch.nn.Module, args, kwargs) -> None:
                             "offload): MoBA block means are rebuilt from the cache, one pass over it per change")
 
 
-def track_kv_caches(module: torch.nn.Module) -> None:
-    """Let `module` (an attention module) keep block means per KV cache; idempotent."""
-    if not isinstance(getattr(module, "kv_cache_states", None), KVCacheStates):
-        module.kv_cache_states = KVCacheStates(module)
-        module.register_forward_pre_hook(_note_cache, with_kwargs=True)
+def track_kv_caches(module: torch.nn.Module) -> KVCacheStates:
+    """New block-means state for `module` (an attention module), with the forward pre-hook that feeds it.
+    Called once per module, by attach_plan when it creates the module's context."""
+    states = KVCacheStates(module)
+    module.register_forward_pre_hook(_note_cache, with_kwargs=True)
+    return states
 
 
 def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: int) -> BlockMeans:
@@ -168,13 +170,10 @@ def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: in
     The cache has already appended this call's keys; the state must account for exactly the
     `slots_before` slots before them, else (a plan change in between, say) it starts over.
     """
-    states = getattr(module, "kv_cache_states", None)
-    cache = states.current() if states is not None and states.current is not None else None
+    states = attention_context(module).kv_caches
+    cache = states.current() if states.current is not None else None
     if cache is None:
         where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
-        if states is None:
-            raise RuntimeError(f"{where} decodes over a KV cache it was not told about: sparse MoBA decoding needs "
-                               f"attach_plan's cache hook (moba_train.models.attach_plan)")
         raise RuntimeError(f"{where} decodes over a KV cache, but its call passed no {states.argument.keyword!r} "
                            f"(keywords passed: {states.last_call_keywords}): the installed transformers hands the "
                            f"cache to attention modules some other way. Install the tested versions (make install "

@@ -3,9 +3,13 @@
 The directory is ordinary (config.json, model.safetensors, generation config, tokenizer files):
 plain transformers loads the weights and ignores the extra config key. moba-train's loader reads
 
-    config.json["moba_train"] = {"format": 1, "attention_plan": <plan config, phases form>, "progress": p}
+    config.json["moba_train"] = {"format": 1, "attention_plan": <plan config, phases form>, "progress": p,
+                                 "trained_context": n}
 
-and rebuilds the same AttentionPlan at the same progress.
+and rebuilds the same AttentionPlan at the same progress. `max_position_embeddings` is the longest
+context trained (`trained_context`, when given), and `rope_parameters` the RoPE the model has, so the
+config tells plain transformers what the model was trained for. (Dynamic NTK RoPE is the exception:
+transformers reads max_position_embeddings as its pretraining length, so it keeps its value.)
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ EXPORT_KEY = "moba_train"
 EXPORT_FORMAT = 1
 
 
-def plan_record(plan: AttentionPlan) -> dict:
-    return {"format": EXPORT_FORMAT, "attention_plan": plan.to_config(), "progress": plan.progress}
+def plan_record(plan: AttentionPlan, trained_context: int | None = None) -> dict:
+    record = {"format": EXPORT_FORMAT, "attention_plan": plan.to_config(), "progress": plan.progress}
+    if trained_context is not None:
+        record["trained_context"] = trained_context
+    return record
 
 
 def plan_from_record(record: Mapping, num_layers: int, where: str) -> AttentionPlan:
@@ -66,11 +73,21 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def _readable_like_the_rest(directory: Path) -> None:
+    """safetensors writes its file 0600 (it goes through mkstemp); give every file the umask's mode, as the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+
+
 def export_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike, plan: AttentionPlan, *,
-                 state_dict: Mapping | None = None, overwrite: bool = False) -> Path:
+                 state_dict: Mapping | None = None, overwrite: bool = False, trained_context: int | None = None) -> Path:
     """Write `model` (+ `tokenizer`, may be None) to the HF directory `path`, recording `plan`.
 
     state_dict: the full weights when the model's own are partitioned (ZeRO-3); the model's otherwise.
+    trained_context: the longest sequence trained, written as config.max_position_embeddings.
     The directory appears complete or not at all (written aside, then renamed).
     """
     target = Path(path).expanduser().resolve()
@@ -82,14 +99,20 @@ def export_model(model: torch.nn.Module, tokenizer, path: str | os.PathLike, pla
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)
     config = model.config
+    length = config.max_position_embeddings
+    dynamic = (getattr(config, "rope_parameters", None) or {}).get("rope_type") == "dynamic"
     try:
-        setattr(config, EXPORT_KEY, plan_record(plan))
+        setattr(config, EXPORT_KEY, plan_record(plan, trained_context))
+        if trained_context is not None and not dynamic:
+            config.max_position_embeddings = trained_context
         try:
             model.save_pretrained(staging, state_dict=state_dict)
         finally:
             delattr(config, EXPORT_KEY)
+            config.max_position_embeddings = length
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        _readable_like_the_rest(staging)
         replace_dir(staging, target)
     finally:
         if staging.exists():

@@ -16,7 +16,6 @@ as prefill and training) or "full" (dense, the paper's setting). Prefill always 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import logging
@@ -42,7 +41,8 @@ class PhaseConfig:
 
 @dataclass
 class AttentionPlanConfig:
-    """Schema of the plan config; give either `moba_layers` (one phase) or `phases`."""
+    """Schema of the plan config, and the one place its defaults live (configs/attention/*.yaml state only
+    what differs). Give either `moba_layers` (one phase) or `phases`."""
 
     block_size: int = 512
     topk: int = 3
@@ -51,6 +51,38 @@ class AttentionPlanConfig:
     decode: str = "moba"           # MoBA layers over a KV cache: moba (sparse) | full (dense, the paper's)
     moba_layers: Any = None
     phases: list[PhaseConfig] | None = None
+
+
+# The keys that together say which layers run MoBA when: a stage that states either replaces both.
+SCHEDULE_KEYS = ("moba_layers", "phases")
+
+
+@dataclass(frozen=True)
+class Phase:
+    until: float
+    moba_layers: Any               # "all" | "none" | {"all_but_last": N} | tuple of layer indices
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A checked plan config in its one normal form (always phases); what AttentionPlan is built from."""
+
+    block_size: int
+    topk: int
+    backend: str
+    full_backend: str
+    decode: str
+    phases: tuple[Phase, ...]
+
+    def uses_moba(self) -> bool:
+        """Whether any phase runs MoBA in some layer (an empty list or "none" everywhere does not)."""
+        return any(p.moba_layers not in ("none", ()) for p in self.phases)
+
+    def to_config(self) -> dict:
+        """Plain types, in phases form: what checkpoints and exports record."""
+        out = dataclasses.asdict(self)
+        out["phases"] = [{"until": p.until, "moba_layers": _plain(p.moba_layers)} for p in self.phases]
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,34 +125,44 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _check_layer_spec(spec: Any, where: str) -> Any:
+    """A `moba_layers` spec checked for its form (not yet against a model); lists become tuples."""
+    if spec in ("all", "none"):
+        return spec
+    if isinstance(spec, Mapping):
+        if set(spec) != {"all_but_last"} or not _is_int(spec["all_but_last"]) or spec["all_but_last"] < 0:
+            raise ValueError(f"{where}: a mapping must be {{'all_but_last': N}} with an int N >= 0, got {spec!r}")
+        return {"all_but_last": spec["all_but_last"]}
+    if isinstance(spec, (list, tuple)):
+        for i in spec:
+            if not _is_int(i):
+                raise ValueError(f"{where}: layer indices must be ints, got {i!r}")
+        return tuple(spec)
+    raise ValueError(f"{where}: moba_layers must be 'all', 'none', {{'all_but_last': N}} or a list of layer indices, "
+                     f"got {spec!r}")
+
+
 def _moba_layer_set(spec: Any, num_layers: int, where: str) -> frozenset[int]:
-    """Resolve a `moba_layers` spec to the set of MoBA layer indices."""
+    """Resolve a checked `moba_layers` spec to the set of MoBA layer indices of a model with num_layers."""
     if spec == "all":
         return frozenset(range(num_layers))
     if spec == "none":
         return frozenset()
     if isinstance(spec, Mapping):
-        if set(spec) != {"all_but_last"} or not _is_int(spec["all_but_last"]) or spec["all_but_last"] < 0:
-            raise ValueError(f"{where}: a mapping must be {{'all_but_last': N}} with an int N >= 0, got {spec!r}")
         n = spec["all_but_last"]
         if n > num_layers:
             raise ValueError(f"{where}: all_but_last={n} exceeds the model's {num_layers} layers; use at most {num_layers}")
         return frozenset(range(num_layers - n))
-    if isinstance(spec, list):
-        chosen = set()
-        for i in spec:
-            if not _is_int(i):
-                raise ValueError(f"{where}: layer indices must be ints, got {i!r}")
-            if not -num_layers <= i < num_layers:
-                raise ValueError(f"{where}: layer index {i} is out of range for a model with {num_layers} layers "
-                                 f"(valid: {-num_layers}..{num_layers - 1})")
-            j = i % num_layers
-            if j in chosen:
-                raise ValueError(f"{where}: layer {j} is listed twice (indices {spec})")
-            chosen.add(j)
-        return frozenset(chosen)
-    raise ValueError(f"{where}: moba_layers must be 'all', 'none', {{'all_but_last': N}} or a list of layer indices, "
-                     f"got {spec!r}")
+    chosen = set()
+    for i in spec:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(f"{where}: layer index {i} is out of range for a model with {num_layers} layers "
+                             f"(valid: {-num_layers}..{num_layers - 1})")
+        j = i % num_layers
+        if j in chosen:
+            raise ValueError(f"{where}: layer {j} is listed twice (indices {list(spec)})")
+        chosen.add(j)
+    return frozenset(chosen)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -135,67 +177,79 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def validate_config(cfg: Mapping, num_layers: int) -> tuple[dict, list[tuple[float, frozenset[int]]]]:
-    """Check a plan config; return it normalised (all keys, plain types) and its phases as (until, moba set)."""
+def attention_spec(cfg: Mapping | AttentionSpec, where: str = "attention plan") -> AttentionSpec:
+    """Check a plan config (a mapping, as written in YAML) for everything but the model's layer count.
+
+    Keys it does not give take AttentionPlanConfig's defaults. ValueError names `where` and the fix."""
+    if isinstance(cfg, AttentionSpec):
+        return cfg
     if not isinstance(cfg, Mapping):
-        raise ValueError(f"the attention plan config must be a mapping, got {type(cfg).__name__}")
-    if not _is_int(num_layers) or num_layers < 1:
-        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        raise ValueError(f"{where}: the attention plan config must be a mapping, got {type(cfg).__name__}")
     cfg = _plain(cfg)
-    _check_keys(cfg, AttentionPlanConfig, "the attention plan config")
+    _check_keys(cfg, AttentionPlanConfig, f"{where}")
     full = {**dataclasses.asdict(AttentionPlanConfig()), **cfg}
     for key in ("block_size", "topk"):
         if not _is_int(full[key]) or full[key] < 1:
-            raise ValueError(f"attention plan: {key} must be an int >= 1, got {full[key]!r}")
+            raise ValueError(f"{where}: {key} must be an int >= 1, got {full[key]!r}")
     for key, registry in (("backend", MOBA_BACKENDS), ("full_backend", FULL_ATTN_BACKENDS)):
         names = ["auto", *sorted(registry)]
         if full[key] not in names:
-            raise ValueError(f"attention plan: {key} must be one of {names}, got {full[key]!r}")
+            raise ValueError(f"{where}: {key} must be one of {names}, got {full[key]!r}")
     if full["decode"] not in DECODE_MODES:
-        raise ValueError(f"attention plan: decode must be one of {list(DECODE_MODES)} (how MoBA layers attend "
+        raise ValueError(f"{where}: decode must be one of {list(DECODE_MODES)} (how MoBA layers attend "
                          f"while generating over a KV cache), got {full['decode']!r}")
     if (full["moba_layers"] is None) == (full["phases"] is None):
-        raise ValueError("attention plan: give exactly one of `moba_layers` (one setting for the whole stage) or "
-                         "`phases` (a schedule over stage progress)")
-    if full["phases"] is None:
-        full["phases"] = [{"until": 1.0, "moba_layers": full.pop("moba_layers")}]
-    else:
-        full.pop("moba_layers")
-    if not isinstance(full["phases"], list) or not full["phases"]:
-        raise ValueError(f"attention plan: phases must be a non-empty list, got {full['phases']!r}")
+        raise ValueError(f"{where}: give exactly one of `moba_layers` (one setting for the whole stage) or "
+                         f"`phases` (a schedule over stage progress), got "
+                         f"{'both' if full['phases'] is not None else 'neither'}; a recipe that sets `phases` over the "
+                         f"attention group's `moba_layers` should pick the group attention=moba_then_full, or set "
+                         f"attention.moba_layers=null")
+    raw_phases = [{"until": 1.0, "moba_layers": full["moba_layers"]}] if full["phases"] is None else full["phases"]
+    if not isinstance(raw_phases, list) or not raw_phases:
+        raise ValueError(f"{where}: phases must be a non-empty list, got {raw_phases!r}")
 
     phases, previous = [], 0.0
-    for n, phase in enumerate(full["phases"]):
-        where = f"attention plan phases[{n}]"
+    for n, phase in enumerate(raw_phases):
+        at = f"{where} phases[{n}]"
         if not isinstance(phase, Mapping):
-            raise ValueError(f"{where} must be a mapping like {{'until': 0.9, 'moba_layers': 'all'}}, got {phase!r}")
-        _check_keys(phase, PhaseConfig, where)
+            raise ValueError(f"{at} must be a mapping like {{'until': 0.9, 'moba_layers': 'all'}}, got {phase!r}")
+        _check_keys(phase, PhaseConfig, at)
         if "until" not in phase or "moba_layers" not in phase:
-            raise ValueError(f"{where} needs both 'until' and 'moba_layers', got {phase!r}")
+            raise ValueError(f"{at} needs both 'until' and 'moba_layers', got {phase!r}")
         until = phase["until"]
         if isinstance(until, bool) or not isinstance(until, (int, float)) or not previous < until <= 1.0:
-            raise ValueError(f"{where}: until={until!r} must be a number in ({previous}, 1.0]: phases are ordered "
+            raise ValueError(f"{at}: until={until!r} must be a number in ({previous}, 1.0]: phases are ordered "
                              f"by increasing `until` (the fraction of the stage's tokens)")
-        phases.append((float(until), _moba_layer_set(phase["moba_layers"], num_layers, where)))
+        phases.append(Phase(float(until), _check_layer_spec(phase["moba_layers"], at)))
         previous = float(until)
     if previous != 1.0:
-        raise ValueError(f"attention plan: the last phase must have until: 1.0 (it has {previous}), so that the plan "
+        raise ValueError(f"{where}: the last phase must have until: 1.0 (it has {previous}), so that the plan "
                          f"covers the whole stage")
-    full["phases"] = [{"until": float(p["until"]), "moba_layers": p["moba_layers"]} for p in full["phases"]]
-    return full, phases
+    return AttentionSpec(full["block_size"], full["topk"], full["backend"], full["full_backend"], full["decode"],
+                         tuple(phases))
+
+
+def validate_config(cfg: Mapping | AttentionSpec, num_layers: int,
+                    where: str = "attention plan") -> tuple[AttentionSpec, list[tuple[float, frozenset[int]]]]:
+    """Check a plan config against a model of `num_layers`; return its spec and phases as (until, moba set)."""
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+    spec = attention_spec(cfg, where)
+    return spec, [(p.until, _moba_layer_set(p.moba_layers, num_layers, f"{where} phases[{n}]"))
+                  for n, p in enumerate(spec.phases)]
 
 
 class AttentionPlan:
     """Per-layer attention mode at the current progress of a stage. Plain object, owned by the trainer."""
 
-    def __init__(self, config: Mapping, num_layers: int, progress: float = 0.0):
+    def __init__(self, config: Mapping | AttentionSpec, num_layers: int, progress: float = 0.0):
         self.config, self._phases = validate_config(config, num_layers)
         self.num_layers = num_layers
         self._progress = self._check_progress(progress)
         self._layers = self._resolve(self._progress)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, num_layers: int) -> "AttentionPlan":
+    def from_config(cls, cfg: Mapping | AttentionSpec, num_layers: int) -> "AttentionPlan":
         return cls(cfg, num_layers)
 
     @property
@@ -217,9 +271,13 @@ class AttentionPlan:
     def _resolve(self, p: float) -> tuple[LayerAttention, ...]:
         moba = self._phase(p)
         c = self.config
-        return tuple(LayerAttention("moba", c["block_size"], c["topk"], c["backend"], c["decode"]) if i in moba
-                     else LayerAttention("full", c["block_size"], c["topk"], c["full_backend"], c["decode"])
+        return tuple(LayerAttention("moba", c.block_size, c.topk, c.backend, c.decode) if i in moba
+                     else LayerAttention("full", c.block_size, c.topk, c.full_backend, c.decode)
                      for i in range(self.num_layers))
+
+    def phase_starts(self) -> list[float]:
+        """The progress at which each phase begins: [0.0, until of phase 0, ...]."""
+        return [0.0, *(phase.until for phase in self.config.phases[:-1])]
 
     def set_progress(self, p: float) -> bool:
         """Move to progress p; log and return True when any layer changes mode."""
@@ -249,7 +307,7 @@ class AttentionPlan:
 
     def to_config(self) -> dict:
         """The normalised config (always in `phases` form): `from_config(plan.to_config(), n)` rebuilds the plan."""
-        return copy.deepcopy(self.config)
+        return self.config.to_config()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AttentionPlan):
@@ -260,4 +318,5 @@ class AttentionPlan:
         return f"AttentionPlan(progress={self._progress:.4f}: {self.describe()})"
 
 
-__all__ = ["AttentionPlan", "AttentionPlanConfig", "DECODE_MODES", "PhaseConfig", "LayerAttention", "validate_config"]
+__all__ = ["AttentionPlan", "AttentionPlanConfig", "AttentionSpec", "DECODE_MODES", "LayerAttention", "Phase", "PhaseConfig",
+           "SCHEDULE_KEYS", "attention_spec", "validate_config"]

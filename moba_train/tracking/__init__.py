@@ -14,11 +14,15 @@ from pathlib import Path
 from . import wandb_run
 from .metrics_file import FILE_NAME, MetricsFile
 from .routing_stats import RoutingCollector, RoutingStats, has_moba_layers, max_blocks, probing
+from .summary import StageSummary
 from .throughput import StepTiming, Throughput, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Tracker", "StepTiming", "RoutingStats"]
+__all__ = ["Tracker", "StageSummary", "StepTiming", "RoutingStats"]
+
+# Records a stage-end evaluation writes: dropped when a resumed run repeats an interrupted evaluation.
+EVAL_KINDS = ("eval", "passkey", "eval_error", "stage_end")
 
 
 WANDB_MAX_BINS = 512
@@ -35,13 +39,14 @@ def distance_bins(counts: list[int]) -> tuple[list[int], list[int]]:
 
 class Tracker:
     def __init__(self, cfg, output_dir: Path, is_main: bool, resume_step: int = 0, run_id: str | None = None,
-                 model=None, world: int = 1):
+                 model=None, world: int = 1, pending_eval_stage: int | None = None):
         self.cfg = cfg
         self.is_main = is_main
         self.output_dir = output_dir
         self.metrics = MetricsFile(output_dir / FILE_NAME)
         self.metrics_path = self.metrics.path
         self.losses: list[float] = []
+        self.kept: list[dict] = []          # the records of the steps before a resume
         self.run_id = run_id
         self._wandb = None
         self._collector: RoutingCollector | None = None
@@ -50,7 +55,9 @@ class Tracker:
                            if model is not None else None)
         if not is_main:
             return
-        kept = self.metrics.truncate_after(resume_step)
+        kept = self.metrics.truncate_after(resume_step, drop=lambda r: r.get("kind") in EVAL_KINDS
+                                           and r.get("stage_index") == pending_eval_stage)
+        self.kept = kept
         self.losses = [r["loss"] for r in kept if r.get("kind") == "train" and r.get("loss") is not None]
         if cfg.logger.wandb:
             self._wandb = wandb_run.start(cfg, output_dir, run_id, config=asdict(cfg))
@@ -68,14 +75,25 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
-    def stage_started(self, index: int, stage, plan, step: int = 0) -> None:
+    def stage_started(self, stage, plan, step: int = 0, backends: dict | None = None) -> None:
         if self.throughput is not None:
             reset_peak_memory(self.throughput.device)
-            if index > 0 or step > 0:          # the first stage starts with a fresh measurement
+            if stage.index > 0 or step > 0:    # the first stage starts with a fresh measurement
                 self.throughput.refresh_peak()
         self._stage_perf = {"flops": 0.0, "seconds": 0.0, "data_seconds": 0.0, "peak_memory_gib": 0.0}
-        self._write({"kind": "stage_start", "stage_index": index, "stage": stage.name, "seq_len": stage.seq_len,
-                     "mode": stage.mode, "plan": plan.describe(), "step": step})
+        self._write({"kind": "stage_start", "stage_index": stage.index, "stage": stage.name, "seq_len": stage.seq_len,
+                     "mode": stage.mode, "plan": plan.describe(), "backends": backends or {}, "step": step,
+                     "resolved": stage.describe()})
+
+    def stage_summary(self, stage, plan: str, backends: dict) -> StageSummary:
+        """A summary of `stage` that already counts the steps it ran before a resume (from metrics.jsonl)."""
+        summary = StageSummary(stage.name, stage.seq_len, stage.mode, plan=plan, backends=dict(backends))
+        for r in self.kept:
+            if r.get("kind") == "train" and r.get("stage_index") == stage.index:
+                summary.add_train_record(r.get("loss"), r.get("tokens", 0), bool(r.get("skipped")))
+        summary.extra["steps_before_resume"] = summary.steps
+        summary.extra["tokens_before_resume"] = summary.tokens
+        return summary
 
     # ---------------------------------------------------------------- routing statistics
     def routing_probe(self, model, plan, stage_step: int, global_step: int, seq_len: int):
@@ -85,7 +103,7 @@ class Tracker:
         sampled = every > 0 and (stage_step == 0 or global_step % every == 0)
         if not sampled or not has_moba_layers(plan):
             return contextlib.nullcontext()
-        block = plan.config["block_size"]
+        block = plan.config.block_size
         self._collector = RoutingCollector(plan.num_layers, max_blocks(seq_len, block),
                                            self.cfg.logger.routing_stats_queries)
         return probing(model, plan, self._collector)
@@ -105,8 +123,9 @@ class Tracker:
         return values
 
     # ---------------------------------------------------------------- steps
-    def log_step(self, step: int, index: int, stage, result, lr: float, plan, *, packs: list[dict] | None = None,
+    def log_step(self, step: int, stage, result, lr: float, plan, *, packs: list[dict] | None = None,
                  sp: int = 1, timing: StepTiming | None = None) -> None:
+        index = stage.index
         speed = (self.throughput.measure(packs, plan, sp, result.tokens, timing)
                  if self.throughput is not None and packs is not None and timing is not None else {})
         routing = self._routing(step, index, stage)
@@ -130,18 +149,31 @@ class Tracker:
         self._log(values, step)
 
     # ---------------------------------------------------------------- evaluations
-    def log_eval(self, step: int, index: int, stage, ev) -> None:
-        self._write({"kind": "eval", "step": step, "stage_index": index, "stage": stage.name, **asdict(ev)})
+    def log_eval(self, step: int, stage, ev) -> None:
+        self._write({"kind": "eval", "step": step, "stage_index": stage.index, "stage": stage.name, **asdict(ev)})
         self._log({"eval/loss": ev.mean_loss, "eval/tail_loss": ev.tail_loss,
                    wandb_run.section(stage.name, "val_loss"): ev.mean_loss,
                    wandb_run.section(stage.name, "tail_loss"): ev.tail_loss}, step)
 
-    def log_passkey(self, step: int, index: int, stage, result) -> None:
-        self._write({"kind": "passkey", "step": step, "stage_index": index, "stage": stage.name, **asdict(result)})
+    def log_passkey(self, step: int, stage, result) -> None:
+        self._write({"kind": "passkey", "step": step, "stage_index": stage.index, "stage": stage.name, **asdict(result)})
         self._log({"eval/passkey_accuracy": result.accuracy,
                    wandb_run.section(stage.name, "passkey_accuracy"): result.accuracy}, step)
 
-    def stage_finished(self, index: int, summary, step: int = 0) -> None:
+    def log_eval_error(self, step: int, stage, error) -> None:
+        """A stage-end evaluation that failed: console, metrics.jsonl and the wandb run's summary."""
+        if self.is_main:
+            print(f"stage {stage.name}: evaluation {error.evaluation} FAILED: {error.error}\n  fix: {error.fix}",
+                  flush=True)
+        self._write({"kind": "eval_error", "step": step, "stage_index": stage.index, "stage": stage.name,
+                     "evaluation": error.evaluation, "error": error.error, "fix": error.fix})
+        if self._wandb is not None:
+            self._wandb.summary[wandb_run.section(stage.name, f"eval_error_{error.evaluation}")] = \
+                f"{error.error} (fix: {error.fix})"
+            self._log({"eval/errors": 1, wandb_run.section(stage.name, "eval_errors"): 1}, step)
+
+    def stage_finished(self, stage, summary, step: int = 0) -> None:
+        index = stage.index
         """Record the stage's summary, its speed figures filled in from the steps this process ran."""
         perf = self._stage_perf
         if perf.get("seconds"):

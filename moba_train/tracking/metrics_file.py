@@ -29,9 +29,9 @@ class MetricsFile:
     def __init__(self, path: Path):
         self.path = path
 
-    def truncate_after(self, step: int) -> list[dict]:
-        """Keep the records up to `step` (a fresh run keeps none); returns them."""
-        kept = [r for r in read_records(self.path) if r.get("step", 0) <= step]
+    def truncate_after(self, step: int, drop=lambda record: False) -> list[dict]:
+        """Keep the records up to `step` (a fresh run keeps none) but those `drop` selects; returns them."""
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= step and not drop(r)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept

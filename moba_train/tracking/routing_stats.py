@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moba_train.models.attention import VARLEN_OPS, attention_modules
+from moba_train.models.context import attention_context
 from moba_train.models.plan import LayerAttention
 from moba_train.ops.moba import build_layout, select_blocks
 
@@ -172,15 +173,16 @@ def _captured_mass(q, k, layout, selected, picks, scale: float) -> tuple[float, 
 def probing(model: torch.nn.Module, plan, collector: RoutingCollector):
     """Route `model`'s MoBA layers through the probe for the duration of the block."""
     modules = attention_modules(model)
-    previous = [m.attention_plan for m in modules]
+    contexts = [attention_context(m) for m in modules]
+    previous = [c.plan for c in contexts]
     probe = ProbedPlan(plan, collector)
-    for m in modules:
-        m.attention_plan = probe
+    for c in contexts:
+        c.plan = probe
     try:
         yield collector
     finally:
-        for m, p in zip(modules, previous):
-            m.attention_plan = p
+        for c, p in zip(contexts, previous):
+            c.plan = p
 
 
 def has_moba_layers(plan) -> bool:

@@ -16,30 +16,16 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from moba_train.job.checkpoint_files import STATE_FILE, TrainState
+
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class TrainState:
-    """Where the run stands; everything needed besides the engine to continue exactly."""
-
-    stage_index: int = 0
-    stage_step: int = 0                 # optimizer steps done in the current stage
-    global_step: int = 0
-    tokens_seen: int = 0
-    bad_steps_total: int = 0
-    data_state: dict = field(default_factory=dict)    # the current stage's sampler (global, rank-independent)
-    plan_progress: float = 0.0
-    world: dict = field(default_factory=dict)         # {"dp": .., "sp": ..} when saved
-    wandb_run_id: str | None = None
 
 
 def _tag(state: TrainState) -> str:
@@ -78,6 +64,14 @@ def save(engine, root: Path, state: TrainState, keep: int) -> Path:
     return root / tag
 
 
+def mark_evaluated(root: Path, state: TrainState) -> None:
+    """Record in the newest checkpoint that its stage's evaluation completed (rank 0; only the state file changes)."""
+    if _rank() == 0:
+        latest = root / (root / "latest").read_text().strip()
+        _write_atomic(latest / STATE_FILE, json.dumps(asdict(state), indent=1))
+    _barrier()
+
+
 def find_resumable(root: Path) -> Path | None:
     """The newest complete checkpoint: `latest` if valid, else the newest complete tag directory."""
     if not root.is_dir():
@@ -90,14 +84,6 @@ def find_resumable(root: Path) -> Path | None:
         log.warning("checkpoint pointer %s names %s, which is incomplete; looking for an older one", latest, candidate)
     complete = sorted(p for p in root.glob("step*") if (p / STATE_FILE).is_file())
     return complete[-1] if complete else None
-
-
-def read_state(ckpt: Path) -> TrainState:
-    try:
-        return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"checkpoint {ckpt} has no readable {STATE_FILE} ({e}); point `trainer.resume` at a "
-                         f"complete checkpoint directory or set trainer.resume=never") from None
 
 
 def load(engine, ckpt: Path, universal: bool) -> None:

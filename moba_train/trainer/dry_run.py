@@ -19,11 +19,11 @@ import torch
 from moba_train.models import AttentionPlan
 from moba_train.schema import ConfigError
 
-from .config import RunConfig, StageConfig, stage_attention, stage_sequence_parallel
+from moba_train.config import RunConfig, Stage
+
 from .failures import explain_oom
 from .memory_estimate import Estimate, Setup, Shape, estimate
 from .public_shapes import PUBLIC_SHAPES, lookup
-from .stage_data import stage_steps
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,11 @@ def _dtype_bytes(cfg: RunConfig) -> int:
     return 4 if cfg.model.dtype == "float32" else 2          # auto: bf16 on GPUs
 
 
-def _moba_topk(cfg: RunConfig, stage: StageConfig, layers: int) -> tuple[int | None, str]:
-    plan = AttentionPlan.from_config(stage_attention(cfg, stage), layers)
-    starts = [0.0] + [p["until"] for p in plan.config["phases"][:-1]]
+def _moba_topk(stage: Stage, layers: int) -> tuple[int | None, str]:
+    plan = AttentionPlan.from_config(stage.attention, layers)
+    starts = plan.phase_starts()
     moba = any(plan.at(i, p).mode == "moba" for p in starts for i in range(layers))
-    return (plan.config["topk"] if moba else None), " then ".join(plan.describe(p) for p in starts)
+    return (plan.config.topk if moba else None), " then ".join(plan.describe(p) for p in starts)
 
 
 def _sp_groups(world: int, sp: int, gpus_per_node: int) -> str:
@@ -144,13 +144,14 @@ def _sp_groups(world: int, sp: int, gpus_per_node: int) -> str:
         ("inside nodes" if inside else "ACROSS nodes")
 
 
-def check_stage(cfg: RunConfig, index: int, stage: StageConfig, shape: Shape, request: DryRunRequest
+def check_stage(cfg: RunConfig, stage: Stage, shape: Shape, request: DryRunRequest
                 ) -> tuple[list[Rule], dict, Estimate | None]:
     from moba_train.distributed.ulysses import kv_replication
     from moba_train.eval.passkey import passkey_lengths
 
     rules: list[Rule] = []
-    world, sp = request.world, stage_sequence_parallel(cfg, stage)
+    world, sp = request.world, stage.sequence_parallel
+    index = stage.index
     name = stage.name
 
     def rule(title: str, ok: bool | None, detail: str) -> None:
@@ -174,16 +175,16 @@ def check_stage(cfg: RunConfig, index: int, stage: StageConfig, shape: Shape, re
          f"sp {sp}, {request.gpus_per_node} GPUs per node" + ("" if inside else
                                                               ": the all-to-alls cross the network (slow)"))
     try:
-        topk, plan_text = _moba_topk(cfg, stage, shape.layers)
+        topk, plan_text = _moba_topk(stage, shape.layers)
         rule("attention plan fits the model", True, plan_text)
     except ValueError as e:
         topk, plan_text = None, "-"
         rule("attention plan fits the model", False, str(e))
-    block = stage_attention(cfg, stage).get("block_size")
+    block = stage.attention.block_size
     if topk is not None:
         rule("seq_len divisible by the MoBA block_size", stage.seq_len % block == 0, f"{stage.seq_len} / {block}")
     dp = world // sp if world % sp == 0 else 0
-    steps = stage_steps(stage, dp) if dp else 0
+    steps = stage.total_steps(dp) if dp else 0
     per_step = stage.seq_len * stage.micro_batch_size * stage.grad_accum * dp
     if stage.tokens is not None and dp:
         rule("tokens make whole steps", True,
@@ -246,8 +247,8 @@ def dry_run(cfg: RunConfig, request: DryRunRequest) -> DryRunReport:
              f"{' (inputs in host memory)' if cfg.model.offload_activations else ''}, tiled MLP "
              f"{cfg.model.tiled_mlp_chunks}, loss chunk {cfg.trainer.loss_chunk_tokens:,} tokens"]
     rules, layouts, estimates = [], [], {}
-    for i, stage in enumerate(cfg.stages):
-        stage_rules, layout, est = check_stage(cfg, i, stage, shape, request)
+    for stage in cfg.stages:
+        stage_rules, layout, est = check_stage(cfg, stage, shape, request)
         rules += stage_rules
         layouts.append(layout)
         if est is not None:

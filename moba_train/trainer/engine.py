@@ -14,13 +14,10 @@ import torch
 
 from moba_train.schema import ConfigError
 
-from .config import RunConfig, StageConfig
+from moba_train.config import RunConfig, Stage
+from moba_train.job.model_setup import model_dtype, on_gpu
 
 log = logging.getLogger(__name__)
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
 
 
 def init_distributed(timeout_s: int) -> None:
@@ -39,13 +36,7 @@ def init_distributed(timeout_s: int) -> None:
                                timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
 
 
-def model_dtype(cfg: RunConfig) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if on_gpu() else torch.float32   # bf16 matmuls are ~150x slower on AVX2 CPUs
-    return getattr(torch, cfg.model.dtype)
-
-
-def deepspeed_config(cfg: RunConfig, stage: StageConfig, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: RunConfig, stage: Stage, load_universal: bool = False) -> dict:
     """The engine's JSON: a user's file if given, else generated; batch sizes always follow the stage."""
     ds = cfg.deepspeed
     if ds.config_file:
@@ -116,7 +107,7 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.o
     return instantiate(spec, groups, lr=lr, _convert_="all")
 
 
-def build_engine(model, cfg: RunConfig, stage: StageConfig, mpu=None, load_universal: bool = False):
+def build_engine(model, cfg: RunConfig, stage: Stage, mpu=None, load_universal: bool = False):
     import deepspeed
 
     optimizer = make_optimizer(model, cfg, stage.lr.peak)
@@ -130,7 +121,7 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def set_stage_batch(engine, stage: StageConfig, dp_size: int) -> None:
+def set_stage_batch(engine, stage: Stage, dp_size: int) -> None:
     """Point DeepSpeed's accumulation boundary at this stage's micro-batch x grad_accum."""
     engine.set_train_micro_batch_size(stage.micro_batch_size)
     engine.set_train_batch_size(stage.micro_batch_size * stage.grad_accum * dp_size)

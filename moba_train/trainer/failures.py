@@ -8,7 +8,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, StageConfig
+from moba_train.config import RunConfig, Stage
 
 
 class StopRequest:
@@ -61,14 +61,14 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def explain_oom(cfg: RunConfig, stage: StageConfig) -> str:
+def explain_oom(cfg: RunConfig, stage: Stage) -> str:
     knobs = [
         f"stages[].micro_batch_size (now {stage.micro_batch_size}; raise grad_accum to keep the batch)",
         f"model.activation_checkpointing (now {cfg.model.activation_checkpointing})",
         f"model.offload_activations (now {cfg.model.offload_activations})",
         f"deepspeed=zero3 or zero3_offload (now ZeRO-{cfg.deepspeed.zero_stage}, offload optimizer "
         f"{cfg.deepspeed.offload_optimizer}, params {cfg.deepspeed.offload_params})",
-        f"parallel.sequence_parallel / stages[].sequence_parallel (now {stage.sequence_parallel or cfg.parallel.sequence_parallel})",
+        f"parallel.sequence_parallel / stages[].sequence_parallel (now {stage.sequence_parallel})",
         f"trainer.loss_chunk_tokens (now {cfg.trainer.loss_chunk_tokens})",
         f"model.tiled_mlp_chunks (now {cfg.model.tiled_mlp_chunks})",
         "attention: MoBA in more layers, a smaller topk or block_size",

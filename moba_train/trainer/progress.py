@@ -4,35 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-
-@dataclass
-class StageSummary:
-    name: str
-    seq_len: int
-    mode: str
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    val_loss: float | None = None
-    tail_loss: float | None = None       # validation loss on the last positions of each sequence
-    skipped_steps: int = 0
-    plan: str = ""
-    passkey: float | None = None         # passkey accuracy at the stage's end
-    tflops_per_gpu: float | None = None  # achieved, over the stage's steps
-    mfu: float | None = None
-    data_wait_share: float | None = None
-    peak_memory_gib: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+from moba_train.tracking.summary import StageSummary
 
 
 class StageProgress:
@@ -65,14 +40,15 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[StageSummary]) -> str:
     head = ["stage", "mode", "seq", "steps", "tokens", "tok/s", "TFLOP/s/GPU", "MFU", "data wait", "peak mem GiB",
-            "loss first->last", "val loss", "tail loss", "passkey", "skipped"]
+            "loss first->last", "val loss", "tail loss", "passkey", "skipped", "backends"]
     body = []
     for r in rows:
         loss = (f"{r.first_loss:.4f} -> {r.last_loss:.4f}" if r.first_loss is not None and r.last_loss is not None else "-")
         body.append([r.name, r.mode, str(r.seq_len), str(r.steps), f"{r.tokens:,}", f"{r.tokens_per_s:,.0f}",
                      _fmt(r.tflops_per_gpu, ".3g"), _fmt(r.mfu, ".1%"), _fmt(r.data_wait_share, ".1%"),
                      _fmt(r.peak_memory_gib, ".2f"), loss, _fmt(r.val_loss, ".4f"), _fmt(r.tail_loss, ".4f"),
-                     _fmt(r.passkey, ".0%"), str(r.skipped_steps)])
+                     _fmt(r.passkey, ".0%") if not any(e.startswith("passkey") for e in r.eval_errors) else "failed",
+                     str(r.skipped_steps), ", ".join(f"{k} {v.split(' ')[0]}" for k, v in r.backends.items()) or "-"])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

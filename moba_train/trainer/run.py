@@ -1,4 +1,4 @@
-"""The staged training job: load, then for each stage set RoPE, attention plan, parallelism and data, and train.
+"""The staged training job: check, load, then for each resolved stage enter it, train it, finish it.
 
 What a stage inherits from the one before (logged at every transition):
   always       weights, global step, RNG streams
@@ -6,11 +6,15 @@ What a stage inherits from the one before (logged at every transition):
   restarts     the LR schedule with its warmup   (carry_over.lr_schedule: true skips the warmup)
                the data position                 (carry_over.data_position: true continues the previous
                                                   stage's stream; the data configs must then match)
+Everything else a stage runs with (RoPE, attention plan, sequence parallelism, batch) is its resolved
+`Stage`'s, set when the stage is entered, so a resumed run trains exactly what the uninterrupted one does.
+
+A stage ends by writing its checkpoint, then evaluating: an evaluation that fails never costs the
+stage's training (see `finish_stage`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -21,26 +25,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moba_train.data import DataError, check_stage_data
-from moba_train.data.embedded import lee_path
+from moba_train.config import RunConfig, Stage
 from moba_train.distributed.groups import layout
 from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
-from moba_train.eval.passkey import describe as describe_passkey
-from moba_train.eval.position_loss import evaluate_position_loss
-from moba_train.eval.stage_end import plots_from_metrics, stage_passkey
+from moba_train.eval.stage_end import StageEvaluation, evaluate_stage_end
+from moba_train.job import checkpoint_files
+from moba_train.job.lm import PackedCausalLM
+from moba_train.job.model_setup import load_for_training, model_dtype
+from moba_train.job.preflight import preflight
+from moba_train.job.stage_data import build_stream
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
-from moba_train.schema import ConfigError
+from moba_train.models.attention import backend_choices
 from moba_train.tracking import StepTiming, Tracker
 
 from . import checkpoint
-from .config import RunConfig, StageConfig, stage_attention, stage_sequence_parallel
 from .engine import build_engine, init_distributed, set_lr, set_stage_batch
 from .failures import StopRequest, explain_oom, is_oom
-from .lm import PackedCausalLM
-from .model_setup import load_for_training
 from .progress import StageProgress, StageSummary, format_table
 from .schedule import lr_at
-from .stage_data import build_stream, stage_steps
 from .step import train_step
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class RunResult:
     export_dir: Path | None = None
     checkpoint_dir: Path | None = None
     losses: list[float] = field(default_factory=list)
+    already_finished: bool = False
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Job:
     lm: torch.nn.Module
     tokenizer: object
     plans: list[AttentionPlan]
-    state: checkpoint.TrainState
+    state: checkpoint_files.TrainState
     tracker: Tracker
     stop: StopRequest
     ckpt_root: Path
@@ -71,37 +74,51 @@ class Job:
     world: int
 
 
+@dataclass
+class StageRun:
+    """One stage in progress: what enter_stage set up for the step loop and finish_stage."""
+
+    stage: Stage
+    plan: AttentionPlan
+    stream: object
+    total: int
+    summary: StageSummary
+    dp_rank: int
+    dp: int
+    sp_rank: int
+
+
+def export_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.paths.output_dir).expanduser() / "hf_model"
+
+
 def train(cfg: RunConfig) -> RunResult:
     init_distributed(cfg.trainer.dist_timeout_s)
-    rank = dist.get_rank()
-    world = dist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = Path(cfg.paths.output_dir).expanduser()
     ckpt_root = output_dir / "checkpoints"
-    torch.manual_seed(cfg.trainer.seed)
-    for i, stage in enumerate(cfg.stages):
-        layout(stage_sequence_parallel(cfg, stage))          # sp divides the number of processes
-        check_stage_data(cfg.data, stage.data, seq_len=stage.seq_len, mode=stage.mode,
-                         where=f"stages[{i}] ({stage.name})")   # every stage's sources exist, before any weights
-    if cfg.eval.passkey.enabled and cfg.eval.passkey.haystack == "lee":
-        try:
-            lee_path()                                        # passkey haystacks are cut from the Lee articles
-        except DataError as e:
-            raise ConfigError(f"eval.passkey needs its haystack text: {e}; or set eval.passkey.enabled=false") from None
-
     resume_from = _resume_source(cfg, ckpt_root)
-    state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainState()
+    state = checkpoint_files.read_state(resume_from) if resume_from else checkpoint_files.TrainState()
+    if _finished(cfg, state):
+        if rank == 0:
+            print(f"run {cfg.run_name} already finished at global step {state.global_step} ({resume_from}); nothing "
+                  f"to do" + (f". Its export is {export_dir(cfg)}: delete it to write it again" if cfg.trainer.export
+                              else ""), flush=True)
+        return RunResult(checkpoint_dir=ckpt_root, already_finished=True)
+    preflight(cfg, world)                                     # every check that needs no weights
+    torch.manual_seed(cfg.trainer.seed)
 
     loaded = load_for_training(cfg)
     lm = loaded.model
     num_layers = lm.config.num_hidden_layers
-    plans = [AttentionPlan.from_config(stage_attention(cfg, s), num_layers) for s in cfg.stages]
+    plans = [AttentionPlan.from_config(s.attention, num_layers) for s in cfg.stages]
     heads = lm.config.num_attention_heads
     kv_heads = getattr(lm.config, "num_key_value_heads", None) or heads
-    for i, stage in enumerate(cfg.stages):
+    for stage in cfg.stages:
         try:
-            kv_replication(stage_sequence_parallel(cfg, stage), heads, kv_heads)
+            kv_replication(stage.sequence_parallel, heads, kv_heads)
         except ValueError as e:
-            raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
+            raise ValueError(f"{stage.where}: {e}") from None
 
     current = min(state.stage_index, len(cfg.stages) - 1)
     attach_plan(lm, plans[current])
@@ -117,21 +134,23 @@ def train(cfg: RunConfig) -> RunResult:
                   f"global step {state.global_step}", flush=True)
 
     tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id,
-                      model=lm, world=world)
+                      model=lm, world=world, pending_eval_stage=state.eval_pending)
     state.wandb_run_id = tracker.run_id
     job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, StopRequest.install(), ckpt_root, rank, world)
     result = RunResult(checkpoint_dir=ckpt_root)
     failed = True
     try:
+        if state.eval_pending is not None:                   # the run stopped while evaluating a finished stage
+            result.summaries.append(_evaluate_pending(job, cfg.stages[state.eval_pending]))
         while state.stage_index < len(cfg.stages):
-            summary = _run_stage(job, state.stage_index)
+            summary = run_stage(job, cfg.stages[state.stage_index])
             result.summaries.append(summary)
             if rank == 0:
                 print(f"\nstage {summary.name} done\n{format_table([summary])}\n", flush=True)
         if rank == 0 and result.summaries:
             print(f"run {cfg.run_name} finished\n{format_table(result.summaries)}", flush=True)
         if cfg.trainer.export:
-            result.export_dir = _export(job, output_dir / "hf_model")
+            result.export_dir = _export(job, export_dir(cfg))
         failed = False
     except Exception as e:
         if is_oom(e):
@@ -145,6 +164,12 @@ def train(cfg: RunConfig) -> RunResult:
     return result
 
 
+def _finished(cfg: RunConfig, state: checkpoint_files.TrainState) -> bool:
+    """Every stage trained and evaluated, and the export (if asked for) written."""
+    done = state.stage_index >= len(cfg.stages) and state.eval_pending is None
+    return done and (not cfg.trainer.export or (export_dir(cfg) / "config.json").is_file())
+
+
 def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     mode = cfg.trainer.resume
     if mode == "never":
@@ -152,132 +177,175 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     if mode == "auto":
         return checkpoint.find_resumable(ckpt_root)
     path = Path(mode).expanduser()
-    if not (path / checkpoint.STATE_FILE).is_file():
-        raise ValueError(f"trainer.resume={mode}: not a complete moba-train checkpoint (no {checkpoint.STATE_FILE}); "
+    if not checkpoint_files.is_checkpoint(path):
+        raise ValueError(f"trainer.resume={mode}: not a complete moba-train checkpoint (no {checkpoint_files.STATE_FILE}); "
                          f"use resume=auto, resume=never or a directory under <output_dir>/checkpoints/")
     return path
 
 
-def _transition_message(stage: StageConfig, index: int, plan: AttentionPlan, sp: int) -> str:
+def _transition_message(stage: Stage, plan: AttentionPlan, backends: dict[str, str]) -> str:
     co = stage.carry_over
     kept = ["weights", "global step", "RNG"]
     restarted = []
-    if index:
+    if stage.index:
         (kept if co.optimizer_state else restarted).append("Adam moments")
         (kept if co.data_position else restarted).append("data position")
         restarted.append("LR schedule" + (" (no warmup)" if co.lr_schedule else ""))
-    return (f"stage {index} '{stage.name}': {stage.mode}, seq_len {stage.seq_len}, micro-batch "
-            f"{stage.micro_batch_size} x accum {stage.grad_accum}, sequence parallel {sp}, rope "
-            f"{stage.rope.theta or 'unchanged'}{' ' + str(stage.rope.scaling) if stage.rope.scaling else ''}, "
-            f"attention {plan.describe()}; carried over: {', '.join(kept)}"
+    ran = ", ".join(f"{kind} on {name}" for kind, name in backends.items())
+    return (f"stage {stage.index} '{stage.name}': {stage.mode}, seq_len {stage.seq_len}, micro-batch "
+            f"{stage.micro_batch_size} x accum {stage.grad_accum}, sequence parallel {stage.sequence_parallel}, rope "
+            f"{stage.rope.describe()}, attention {plan.describe()} ({ran}); carried over: {', '.join(kept)}"
             + (f"; restarted: {', '.join(restarted)}" if restarted else ""))
 
 
-def _run_stage(job: Job, index: int) -> StageSummary:
-    cfg, engine, state = job.cfg, job.engine, job.state
-    stage, plan = cfg.stages[index], job.plans[index]
-    sp = stage_sequence_parallel(cfg, stage)
-    lay = layout(sp)
-    fresh = state.stage_step == 0
-
-    if stage.rope.theta is not None or stage.rope.scaling is not None:
+def _set_stage_model(job: Job, stage: Stage, progress: float) -> AttentionPlan:
+    """The model as `stage` trains it: its RoPE, its plan at `progress`, its sequence parallelism."""
+    if stage.rope.changes_model:
         set_rope(job.lm, theta=stage.rope.theta, scaling=stage.rope.scaling)
+    plan = job.plans[stage.index]
+    plan.set_progress(progress)
     attach_plan(job.lm, plan)
-    apply_sequence_parallel(job.lm, sp)
-    set_stage_batch(engine, stage, lay.world)
-    if fresh and index > 0 and not stage.carry_over.optimizer_state:
-        _reset_optimizer_state(engine)
-    total = stage_steps(stage, lay.dp)
+    apply_sequence_parallel(job.lm, stage.sequence_parallel)
+    return plan
+
+
+def enter_stage(job: Job, stage: Stage) -> StageRun:
+    cfg, state = job.cfg, job.state
+    lay = layout(stage.sequence_parallel)
+    fresh = state.stage_step == 0
+    total = stage.total_steps(lay.dp)
     if cfg.debug.max_steps_per_stage:
         total = min(total, cfg.debug.max_steps_per_stage)
-    carried = fresh and index > 0 and stage.carry_over.data_position
-    stream = build_stream(cfg, index, job.tokenizer, lay.dp_rank, lay.dp,
+    plan = _set_stage_model(job, stage, min(1.0, state.stage_step / total))
+    set_stage_batch(job.engine, stage, lay.world)
+    if fresh and stage.index > 0 and not stage.carry_over.optimizer_state:
+        _reset_optimizer_state(job.engine)
+    carried = fresh and stage.index > 0 and stage.carry_over.data_position
+    stream = build_stream(cfg, stage, job.tokenizer, lay.dp_rank, lay.dp,
                           resume_state=None if fresh else state.data_state,
                           previous_stage_state=state.data_state if carried else None)
+    backends = backend_choices(plan, job.engine.device, model_dtype(cfg))
+    log.info("stage %s backends: %s", stage.name, ", ".join(f"{k}={v}" for k, v in backends.items()))
     if job.rank == 0:
-        print(_transition_message(stage, index, plan, sp), flush=True)
+        print(_transition_message(stage, plan, backends), flush=True)
         print(stream.report(), flush=True)
-    job.tracker.stage_started(index, stage, plan, step=state.global_step)
+    job.tracker.stage_started(stage, plan, step=state.global_step, backends=backends)
+    schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
+    summary = job.tracker.stage_summary(stage, schedule, backends)   # counts the steps before a resume too
+    return StageRun(stage, plan, stream, total, summary, lay.dp_rank, lay.dp, lay.sp_rank)
 
-    summary = StageSummary(stage.name, stage.seq_len, stage.mode, plan=plan.describe())
-    progress = StageProgress(f"{index + 1}/{len(cfg.stages)} {stage.name}", total, state.stage_step,
+
+def train_steps(job: Job, run: StageRun) -> None:
+    """The stage's optimizer steps from where the state stands to the stage's total."""
+    cfg, engine, state, stage, plan = job.cfg, job.engine, job.state, run.stage, run.plan
+    sp = stage.sequence_parallel
+    progress = StageProgress(f"{stage.index + 1}/{len(cfg.stages)} {stage.name}", run.total, state.stage_step,
                              enabled=job.rank == 0)
-    lr_cfg = dataclasses.replace(stage.lr, warmup=0.0) if stage.carry_over.lr_schedule and index else stage.lr
     bad_in_a_row = 0
     started = time.perf_counter()
-    while state.stage_step < total:
-        changed = plan.set_progress(state.stage_step / total)
-        lr = lr_at(state.stage_step, total, lr_cfg)
-        set_lr(engine, lr)
-        started_step = time.perf_counter()
-        packs = [next(stream) for _ in range(stage.grad_accum)]
-        data_seconds = time.perf_counter() - started_step
-        batches = [shard_batch(p, lay.sp_rank, sp) for p in packs]
-        poison = job.rank == 0 and state.global_step + 1 in cfg.debug.poison_loss_at_steps
-        with job.tracker.routing_probe(job.lm, plan, state.stage_step, state.global_step + 1, stage.seq_len):
-            step = train_step(engine, batches, grad_divisor=lay.world, clip=cfg.trainer.grad_clip, poison=poison)
-        timing = StepTiming(time.perf_counter() - started_step, data_seconds)
-        state.stage_step += 1
-        state.global_step += 1
-        state.tokens_seen += step.tokens
-        state.data_state = stream.state_dict()
-        if step.skipped:
-            state.bad_steps_total += 1
-            summary.skipped_steps += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, global step "
-                                   f"{state.global_step}); lower stages[{index}].lr.peak, check the data, or raise "
-                                   f"trainer.max_bad_steps")
-        else:
-            bad_in_a_row = 0
-            summary.first_loss = step.loss if summary.first_loss is None else summary.first_loss
-            summary.last_loss = step.loss
-        summary.steps += 1
-        summary.tokens += step.tokens
-        job.tracker.log_step(state.global_step, index, stage, step, lr, plan, packs=packs, sp=sp, timing=timing)
-        progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
+    try:
+        while state.stage_step < run.total:
+            changed = plan.set_progress(state.stage_step / run.total)
+            lr = lr_at(state.stage_step, run.total, stage.lr)
+            set_lr(engine, lr)
+            started_step = time.perf_counter()
+            packs = [next(run.stream) for _ in range(stage.grad_accum)]
+            data_seconds = time.perf_counter() - started_step
+            batches = [shard_batch(p, run.sp_rank, sp) for p in packs]
+            poison = job.rank == 0 and state.global_step + 1 in cfg.debug.poison_loss_at_steps
+            with job.tracker.routing_probe(job.lm, plan, state.stage_step, state.global_step + 1, stage.seq_len):
+                step = train_step(engine, batches, grad_divisor=layout(sp).world, clip=cfg.trainer.grad_clip,
+                                  poison=poison)
+            timing = StepTiming(time.perf_counter() - started_step, data_seconds)
+            state.stage_step += 1
+            state.global_step += 1
+            state.tokens_seen += step.tokens
+            state.data_state = run.stream.state_dict()
+            state.plan_progress = plan.progress
+            run.summary.add_step(step)
+            if step.skipped:
+                state.bad_steps_total += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.trainer.max_bad_steps:
+                    raise RuntimeError(f"{bad_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, global "
+                                       f"step {state.global_step}); lower stages[{stage.index}].lr.peak, check the "
+                                       f"data, or raise trainer.max_bad_steps")
+            else:
+                bad_in_a_row = 0
+            job.tracker.log_step(state.global_step, stage, step, lr, plan, packs=packs, sp=sp, timing=timing)
+            progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
 
-        if cfg.debug.interrupt_after_step == state.global_step:
-            os.kill(os.getpid(), signal.SIGINT)
-        stop_now = job.stop.requested()
-        periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
-        if stop_now or (periodic and state.stage_step < total):
-            _save(job, sp)
-        if stop_now:
-            progress.close()
-            raise SystemExit(f"stopped by signal after global step {state.global_step}; checkpoint written to "
-                             f"{job.ckpt_root}; run the same command again to resume")
-        if cfg.debug.crash_after_step is not None and state.global_step >= cfg.debug.crash_after_step:
-            os._exit(17)   # tests: die like a killed process, without any cleanup
-    progress.close()
-    summary.seconds = time.perf_counter() - started
+            if cfg.debug.interrupt_after_step == state.global_step:
+                os.kill(os.getpid(), signal.SIGINT)
+            stop_now = job.stop.requested()
+            periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
+            if stop_now or (periodic and state.stage_step < run.total):
+                _save(job, sp)
+            if stop_now:
+                raise SystemExit(f"stopped by signal after global step {state.global_step}; checkpoint written to "
+                                 f"{job.ckpt_root}; run the same command again to resume")
+            if cfg.debug.crash_after_step is not None and state.global_step >= cfg.debug.crash_after_step:
+                os._exit(17)   # tests: die like a killed process, without any cleanup
+    finally:
+        progress.close()
+    run.summary.seconds += time.perf_counter() - started
 
-    if stage.eval and cfg.trainer.eval_batches > 0:
-        batches = stream.validation_batches(max_packs=cfg.trainer.eval_batches * stage.micro_batch_size * lay.dp)
-        ev = evaluate_position_loss(engine.module, [shard_batch(b, lay.sp_rank, sp) for b in batches], stage.seq_len,
-                                    buckets=cfg.eval.position_buckets, tail_tokens=cfg.eval.tail_tokens)
-        summary.val_loss, summary.tail_loss = ev.mean_loss, ev.tail_loss
-        job.tracker.log_eval(state.global_step, index, stage, ev)
-    passkey = stage_passkey(job.lm, job.tokenizer, cfg, stage, sp, engine.zero_optimization_stage() == 3, job.world)
-    if passkey is not None:
-        summary.passkey = passkey.accuracy
-        job.tracker.log_passkey(state.global_step, index, stage, passkey)
-        if job.rank == 0:
-            print(describe_passkey(passkey), flush=True)
-    log.info("%s", stream.report())
 
-    # The stage-end checkpoint points at the start of the next stage.
+def finish_stage(job: Job, run: StageRun) -> StageSummary:
+    """The stage's checkpoint first (pointing at the next stage), then its evaluations.
+
+    Until they complete, the checkpoint says that this stage's evaluation is pending: a crash or Ctrl-C
+    while evaluating resumes into the evaluation, never into the stage's training again."""
+    state, stage = job.state, run.stage
+    run.plan.set_progress(1.0)                      # the stage ends where its schedule ends
+    state.plan_progress = 1.0
     state.stage_index += 1
     state.stage_step = 0
-    following = cfg.stages[state.stage_index] if state.stage_index < len(cfg.stages) else None
+    following = job.cfg.stages[state.stage_index] if state.stage_index < len(job.cfg.stages) else None
     if following is None or not following.carry_over.data_position:
         state.data_state = {}
-    _save(job, sp)
-    job.tracker.stage_finished(index, summary, step=state.global_step)
-    if cfg.eval.plots and job.rank == 0:
-        job.tracker.log_plots(plots_from_metrics(job.tracker.output_dir), state.global_step)
-    return summary
+    state.eval_pending = stage.index
+    _save(job, stage.sequence_parallel)
+    _evaluate(job, run)
+    return run.summary
+
+
+def _evaluate(job: Job, run: StageRun) -> None:
+    stage = run.stage
+    evaluation = StageEvaluation(job.engine.module, job.lm, job.tokenizer, job.cfg, stage, run.stream,
+                                 dp=run.dp, sp_rank=run.sp_rank, zero3=job.engine.zero_optimization_stage() == 3,
+                                 world=job.world, is_main=job.rank == 0)
+    outcome = evaluate_stage_end(evaluation, job.tracker, step=job.state.global_step)
+    run.summary.record(outcome)
+    if outcome.errors and job.cfg.eval.on_error == "fail":
+        # The checkpoint still says the evaluation is pending: the next run repeats only the evaluation.
+        raise RuntimeError(f"{stage.where}: the stage-end evaluation failed ({outcome.errors[0]}). The stage's "
+                           f"checkpoint is kept; fix the cause and run the same command again to repeat the evaluation "
+                           f"and go on, or set eval.on_error=continue")
+    job.tracker.stage_finished(stage, run.summary, step=job.state.global_step)
+    job.state.eval_pending = None
+    checkpoint.mark_evaluated(job.ckpt_root, job.state)
+
+
+def _evaluate_pending(job: Job, stage: Stage) -> StageSummary:
+    """Finish the interrupted evaluation of `stage` (already trained and checkpointed)."""
+    lay = layout(stage.sequence_parallel)
+    plan = _set_stage_model(job, stage, 1.0)
+    stream = build_stream(job.cfg, stage, job.tokenizer, lay.dp_rank, lay.dp)
+    if job.rank == 0:
+        print(f"stage {stage.index} '{stage.name}' was trained and checkpointed; finishing its evaluation", flush=True)
+    backends = backend_choices(plan, job.engine.device, model_dtype(job.cfg))
+    schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
+    run = StageRun(stage, plan, stream, 0, job.tracker.stage_summary(stage, schedule, backends), lay.dp_rank, lay.dp,
+                   lay.sp_rank)
+    _evaluate(job, run)
+    return run.summary
+
+
+def run_stage(job: Job, stage: Stage) -> StageSummary:
+    run = enter_stage(job, stage)
+    train_steps(job, run)
+    return finish_stage(job, run)
 
 
 def _save(job: Job, sp: int) -> None:
@@ -293,15 +361,19 @@ def _reset_optimizer_state(engine) -> None:
 
 
 def _export(job: Job, target: Path) -> Path:
-    """The final model in Hugging Face format (rank 0 writes; ZeRO-3 partitions are gathered first)."""
-    plan = job.plans[-1]
+    """The final model in Hugging Face format (rank 0 writes; ZeRO-3 partitions are gathered first), as the last
+    stage left it, its config recording the longest context trained."""
+    last = job.cfg.stages[-1]
+    plan = _set_stage_model(job, last, 1.0)
+    trained_context = max(s.seq_len for s in job.cfg.stages)
     if job.engine.zero_optimization_stage() == 3:
         full = job.engine._zero3_consolidated_16bit_state_dict()   # collective: every rank takes part
         if job.rank == 0:
             lm_state = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
-            export_model(job.lm, job.tokenizer, target, plan, state_dict=lm_state, overwrite=True)
+            export_model(job.lm, job.tokenizer, target, plan, state_dict=lm_state, overwrite=True,
+                         trained_context=trained_context)
     elif job.rank == 0:
-        export_model(job.lm, job.tokenizer, target, plan, overwrite=True)
+        export_model(job.lm, job.tokenizer, target, plan, overwrite=True, trained_context=trained_context)
     dist.barrier()
     if job.rank == 0:
         print(f"Hugging Face model written to {target}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .config import LRConfig
+from moba_train.config import LRConfig
 
 
 def lr_at(step: int, total_steps: int, lr: LRConfig) -> float:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moba_train.job.lm import to_device
+
 
 @dataclass
 class StepResult:
@@ -29,10 +31,6 @@ def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
 
 def target_count(batch: dict) -> int:
     return int((batch["shift_labels"] != -100).sum())
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _zero0_boundary(engine, bad: bool, clip: float) -> float | None:

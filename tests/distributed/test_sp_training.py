@@ -21,7 +21,7 @@ def test_sp2_training_matches_sp1(tmp_path):
 def test_stage_changes_sequence_parallel_inside_one_run(tmp_path):
     """sp 1 at the short stage, 2 at the long one, on two processes (data parallel 2, then 1)."""
     out = tmp_path / "run"
-    run_cli(out, [*TINY, "+stages.1.sequence_parallel=2"], nproc=2)
+    run_cli(out, [*TINY, "stages.1.sequence_parallel=2"], nproc=2)
     steps = records(out)
     assert [r["stage"] for r in steps] == ["short", "short", "long", "long", "sft"]
     # dp 2 in the short stage: 2 packs per step; dp 1 with sp 2 in the long stage: 1 pack per step

@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from moba_train.eval.passkey import NEEDLE, QUESTION, Haystacks, passkey_lengths, run_passkey, trial_key
+from moba_train.data.haystacks import NEEDLE, QUESTION
+from moba_train.eval.passkey import Haystacks, passkey_lengths, run_passkey, trial_key
 from moba_train.models import AttentionPlan, attach_plan, build_from_config
 
 
@@ -88,7 +89,7 @@ def test_tiny_moba_model_generates_and_the_result_has_the_grid_shape(lee_bpe, ha
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0], ids=lambda d: f"depth{d}")
 def test_python_haystack_is_code_with_the_key_as_a_constant(lee_bpe, depth):
-    from moba_train.eval.passkey import STYLES
+    from moba_train.data.haystacks import STYLES
 
     code = Haystacks(lee_bpe, "python")
     key = trial_key(0, 2048, depth, 0)

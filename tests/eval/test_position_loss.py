@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moba_train.eval.position_loss import evaluate_position_loss, tail_window
 from moba_train.models import AttentionPlan, attach_plan, build_from_config
-from moba_train.trainer.lm import PackedCausalLM, model_kwargs
+from moba_train.job.lm import PackedCausalLM, model_kwargs
 
 
 def packed(docs: list[int], vocab: int, seed: int) -> dict:

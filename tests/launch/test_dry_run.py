@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from moba_train.trainer.config import load_run_config
+from moba_train.config import load_run_config
 from moba_train.trainer.dry_run import DryRunRequest, dry_run
 from moba_train.trainer.memory_estimate import Setup, Shape, estimate
 from tests.tracking.moba_cli import moba_train

@@ -164,7 +164,7 @@ def test_plan_switch_at_scheduled_progress_changes_the_model():
     batch = pack(random_docs(DOC_LENS))
     scheduled = with_plan(ref, {"block_size": 4, "topk": 2, "phases": [{"until": 0.9, "moba_layers": "all"},
                                                                        {"until": 1.0, "moba_layers": "none"}]})
-    plan = scheduled.model.layers[0].self_attn.attention_plan
+    plan = scheduled.model.layers[0].self_attn.moba_train.plan
     want_moba, want_full = logits(with_plan(ref, MOBA), **batch), logits(with_plan(ref, FULL), **batch)
     torch.testing.assert_close(logits(scheduled, **batch), want_moba, atol=0, rtol=0)
     assert not plan.set_progress(0.85)
@@ -251,7 +251,7 @@ def test_activation_checkpointing_keeps_the_packed_boundaries():
 def test_checkpointing_every_second_layer_recomputes_only_those():
     import types
 
-    from moba_train.trainer.model_setup import apply_activation_checkpointing
+    from moba_train.job.model_setup import apply_activation_checkpointing
 
     model = build_from_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2), seed=0)

@@ -151,7 +151,7 @@ def test_greedy_generate_equals_recomputing_with_the_operator(family):
     assert torch.equal(out.sequences, want)
     for got, ref in zip(out.logits, want_logits):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
-    states = model.model.layers[0].self_attn.kv_cache_states.by_cache[output_cache(out)]
+    states = model.model.layers[0].self_attn.moba_train.kv_caches.by_cache[output_cache(out)]
     assert states.complete == [23 // 4]   # the last token was never fed back, so 23 keys are cached
 
 

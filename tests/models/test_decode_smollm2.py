@@ -37,5 +37,5 @@ def test_greedy_moba_decoding_equals_recomputing_with_the_operator():
             seq = torch.cat([seq, nxt], dim=1)
     print(f"{n}-token prompt, generated: {tok.decode(out.sequences[0, n:])!r}")
     assert torch.equal(out.sequences, seq)
-    means = model.model.layers[0].self_attn.kv_cache_states.by_cache[output_cache(out)]
+    means = model.model.layers[0].self_attn.moba_train.kv_caches.by_cache[output_cache(out)]
     assert means.complete == [(n + NEW_TOKENS - 1) // BLOCK]

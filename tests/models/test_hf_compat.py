@@ -32,14 +32,14 @@ def test_the_decode_hook_sees_the_cache_of_every_decoding_call(family):
     seen = []
     for module in attention_modules(model):
         module.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.append(m.kv_cache_states.argument.read(args, kwargs)), with_kwargs=True)
+            lambda m, args, kwargs: seen.append(m.moba_train.kv_caches.argument.read(args, kwargs)), with_kwargs=True)
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     cache = output_cache(out)
     assert cache is not None
     missing = [i for i, (passed, got) in enumerate(seen) if not passed or got is not cache]
-    keywords = model.model.layers[0].self_attn.kv_cache_states.last_call_keywords
+    keywords = model.model.layers[0].self_attn.moba_train.kv_caches.last_call_keywords
     assert not missing, (f"{len(missing)} of {len(seen)} attention calls did not pass the cache as "
                          f"{cache_argument(model.model.layers[0].self_attn).keyword!r}; keywords passed: {keywords}")
 
@@ -73,7 +73,7 @@ def test_a_decoding_call_without_the_cache_names_the_keyword_it_expected():
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 1, 16)
     kv = torch.randn(1, 2, 9, 16)
-    attn.kv_cache_states.last_call_keywords = ["hidden_states", "kv_store"]
+    attn.moba_train.kv_caches.last_call_keywords = ["hidden_states", "kv_store"]
     from moba_train.models.attention import moba_train_attention
     with pytest.raises(RuntimeError, match=rf"passed no {cache_argument(attn).keyword!r} \(keywords passed: "
                                            r"\['hidden_states', 'kv_store'\]\)"):

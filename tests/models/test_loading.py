@@ -29,7 +29,7 @@ def tiny_tokenizer():
 
 def trained_like_model(progress):
     model = with_plan(stock_model("llama"), SCHEDULE)
-    plan = model.model.layers[0].self_attn.attention_plan
+    plan = model.model.layers[0].self_attn.moba_train.plan
     plan.set_progress(progress)
     return model, plan
 

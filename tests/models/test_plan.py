@@ -101,7 +101,7 @@ def test_omegaconf_config_and_structured_schema():
 
 
 @pytest.mark.parametrize("cfg, n, message", [
-    ({**BASE, "moba_layer": "all"}, 4, "unknown key 'moba_layer' in the attention plan config; did you mean 'moba_layers'"),
+    ({**BASE, "moba_layer": "all"}, 4, "unknown key 'moba_layer' in attention plan; did you mean 'moba_layers'"),
     ({**BASE}, 4, "give exactly one of `moba_layers`"),
     ({**BASE, "moba_layers": "all", "phases": SCHEDULE["phases"]}, 4, "give exactly one of `moba_layers`"),
     ({**BASE, "topk": 0, "moba_layers": "all"}, 4, r"topk must be an int >= 1, got 0"),

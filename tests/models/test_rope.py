@@ -83,7 +83,7 @@ def test_yarn_defaults_the_original_length_to_the_length_so_far():
 
 def test_export_carries_the_final_rope(tmp_path):
     model = model_with_plan()
-    plan = model.model.layers[0].self_attn.attention_plan
+    plan = model.model.layers[0].self_attn.moba_train.plan
     set_rope(model, theta=1e6, scaling={"rope_type": "yarn", "factor": 4.0}, max_position_embeddings=128)
     saved = json.loads((export_model(model, None, tmp_path / "out", plan) / "config.json").read_text())
     assert saved["rope_parameters"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,

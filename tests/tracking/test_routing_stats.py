@@ -74,7 +74,7 @@ def test_probe_leaves_the_output_unchanged_and_reports_each_moba_layer_once():
     assert sorted(stats.mass_by_layer) == [0, 2]
     assert stats.sampled_queries == 2 * 8
     assert sum(stats.distance_counts) == 2 * 4 * sum(min(1, i) * 16 for i in range(6))   # layers x heads x queries
-    assert all(m.attention_plan is plan for m in attention_modules(model))        # restored after the block
+    assert all(m.moba_train.plan is plan for m in attention_modules(model))        # restored after the block
 
 
 @pytest.mark.parametrize("farthest", [1, 7, 512, 513, 5000], ids=lambda n: f"farthest{n}")

@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from moba_train.config import register_schema
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 NEEDS_MODEL_PATH = {"llama3_8b_128k_to_1m", "qwen_8k_to_128k"}
@@ -16,6 +18,7 @@ SMALLER_DATA = {"quality_code": ["+data.sources.code.max_documents=300"]}
 
 
 def compose_config(overrides: list[str]) -> dict:
+    register_schema()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)      # resolves ${hydra:runtime.choices.recipe}

@@ -3,7 +3,7 @@
 import json
 
 from moba_train.trainer import checkpoint
-from moba_train.trainer.checkpoint import STATE_FILE, TrainState
+from moba_train.job.checkpoint_files import STATE_FILE, TrainState, read_state
 
 
 def _complete(root, tag, step):
@@ -35,4 +35,4 @@ def test_state_round_trip(tmp_path):
     state = TrainState(stage_index=1, stage_step=3, global_step=7, data_state={"position": 5})
     _complete(tmp_path, "x", 0)
     (tmp_path / "x" / STATE_FILE).write_text(json.dumps(state.__dict__))
-    assert checkpoint.read_state(tmp_path / "x") == state
+    assert read_state(tmp_path / "x") == state

@@ -7,9 +7,9 @@ import copy
 import pytest
 
 from moba_train.schema import ConfigError
-from moba_train.trainer.config import load_run_config
+from moba_train.config import load_run_config
 from moba_train.trainer.schedule import lr_at
-from moba_train.trainer.config import LRConfig
+from moba_train.config import LRConfig
 from tests.trainer.compose import RECIPES, compose_config, recipe_overrides
 
 
@@ -44,7 +44,7 @@ BAD = {
     "unknown-stage-key": (lambda c: c["stages"][0].update(seqlen=5), "stages[0]: unknown key(s) ['seqlen']"),
     "seq-len-not-multiple-of-block": (lambda c: c["stages"][0].update(seq_len=1000), "divisible by the MoBA block_size"),
     "seq-len-not-multiple-of-sp": (lambda c: c["stages"][0].update(seq_len=1023, sequence_parallel=2), "divisible by sequence_parallel=2"),
-    "topk-zero": (lambda c: c["attention"].update(topk=0), "topk must be >= 1"),
+    "topk-zero": (lambda c: c["attention"].update(topk=0), "attention: topk must be an int >= 1"),
     "stages-shrink": (lambda c: c["stages"][1].update(seq_len=256), "shorter than the previous stage"),
     "neither-tokens-nor-steps": (lambda c: c["stages"][0].pop("steps"), "exactly one of `tokens` or `steps`"),
     "both-tokens-and-steps": (lambda c: c["stages"][0].update(tokens=100), "exactly one of `tokens` or `steps`"),

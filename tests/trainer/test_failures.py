@@ -4,7 +4,7 @@ out-of-memory errors name the knobs that reduce memory."""
 import pytest
 import torch
 
-from moba_train.trainer.config import load_run_config
+from moba_train.config import load_run_config
 from moba_train.trainer.failures import explain_oom, is_oom
 from tests.trainer.cli_run import losses, records, run_cli
 from tests.trainer.compose import compose_config

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moba_train.trainer.loss import chunked_lm_loss_sum
+from moba_train.job.loss import chunked_lm_loss_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000], ids=lambda c: f"chunk{c}")

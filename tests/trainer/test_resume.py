@@ -35,7 +35,7 @@ def test_resume_into_a_different_data_parallel_size_uses_the_universal_checkpoin
     broken = tmp_path / "broken"
     res = run_cli(broken, [*two, "debug.crash_after_step=3"], nproc=2, check=False)
     assert res.returncode != 0
-    one = [*two, *(f"+stages.{i}.grad_accum=2" for i in range(3))]   # 1 process x 2 micro-batches = 2 x 1
+    one = [*two, *(f"stages.{i}.grad_accum=2" for i in range(3))]   # 1 process x 2 micro-batches = 2 x 1
     run_cli(broken, one)
     assert (broken / "checkpoints" / "step00000003_universal").is_dir()
     got = losses(broken)

@@ -5,7 +5,7 @@ import pytest
 from tests.trainer.cli_run import losses, run_cli
 
 TINY = ["recipe=tiny", "trainer.export=false"]
-ONE_PROCESS_SAME_BATCH = [f"+stages.{i}.grad_accum=2" for i in range(3)]   # 2 micro-batches = 2 ranks x 1
+ONE_PROCESS_SAME_BATCH = [f"stages.{i}.grad_accum=2" for i in range(3)]   # 2 micro-batches = 2 ranks x 1
 
 
 @pytest.fixture(scope="module")

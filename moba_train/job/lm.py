@@ -7,6 +7,10 @@ import torch
 from .loss import chunked_lm_loss_sum
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def model_kwargs(batch: dict) -> dict:
     """A packed micro-batch in the names transformers forwards untouched to the attention function."""
     cu = batch["cu_seqlens"]

@@ -1,19 +1,29 @@
-"""Load the configured model for training: weights, tokenizer, dtype and the memory knobs."""
+"""Load the configured model for training or evaluation: weights, tokenizer, dtype and the memory knobs."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from moba_train.models import LoadedModel, load_embedded, load_gguf, load_hf_dir, build_from_config
 from moba_train.models.tiled_mlp import tile_mlps
 
-from .config import RunConfig
-from .engine import model_dtype
+from moba_train.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if on_gpu() else torch.float32   # bf16 matmuls are ~150x slower on AVX2 CPUs
+    return getattr(torch, cfg.model.dtype)
 
 
 def _embedded(cfg: RunConfig, name: str, dtype) -> LoadedModel:

@@ -1,26 +1,37 @@
-"""The run's configuration: schema, defaults, and the cross-field checks that run before any model is built."""
+"""The run's configuration: the schema a recipe is written against, its defaults, and the run-wide checks.
+
+These dataclasses are the one place a default lives: `register_schema` hands `RunSchema` to Hydra as
+the structured base of `configs/train.yaml`, so the YAML groups state only what they change and every
+key can still be overridden on the command line. `load_run_config` turns the composed config, once,
+into the `RunConfig` every consumer shares, whose stages are resolved (`moba_train.config.stages`).
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from moba_train.schema import ConfigError, from_dict
+from moba_train.data.config import DataConfig
+from moba_train.data.haystacks import STYLES
+from moba_train.models.plan import AttentionPlanConfig
+from moba_train.schema import ConfigError, from_dict, one_of
 
 
 @dataclass
 class LRConfig:
     peak: float = 1e-4
     warmup: float = 0.0                 # fraction of the stage's steps (< 1) or a number of steps (>= 1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: str = one_of("cosine", "linear", "constant", default="cosine")
     min_ratio: float = 0.1              # final LR / peak for cosine and linear
 
 
 @dataclass
 class RopeConfig:
-    theta: float | None = None          # None keeps the model's value
-    scaling: dict[str, Any] | None = None  # transformers rope_parameters, e.g. {rope_type: yarn, factor: 4.0}
+    theta: float | None = None          # None: the previous stage's (the first stage: the model's own)
+    # transformers rope_parameters, e.g. {rope_type: yarn, factor: 4.0}; None: as before. (Typed Any, not an optional
+    # dict: OmegaConf cannot assign a mapping from the command line to an optional dict that is None.)
+    scaling: Any = None
 
 
 @dataclass
@@ -34,30 +45,32 @@ class CarryOver:
 
 @dataclass
 class StageConfig:
+    """One stage as a recipe writes it; `moba_train.config.stages.Stage` is what it means."""
+
     name: str
     seq_len: int
     tokens: int | None = None           # tokens the whole job trains on in this stage (or give steps)
     steps: int | None = None
     micro_batch_size: int = 1
     grad_accum: int = 1
-    mode: Literal["pretrain", "sft"] = "pretrain"
+    mode: str = one_of("pretrain", "sft", default="pretrain")
     lr: LRConfig = field(default_factory=LRConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
-    attention: dict[str, Any] | None = None   # plan for this stage; None: the top-level `attention`
+    attention: dict[str, Any] = field(default_factory=dict)   # what differs from the run's `attention` (merged over it)
     data: dict[str, Any] = field(default_factory=dict)   # this stage's mix over `data.sources`
     sequence_parallel: int | None = None       # None: `parallel.sequence_parallel`
     carry_over: CarryOver = field(default_factory=CarryOver)
-    eval: bool = True                          # validation loss (by position) at the stage's end
+    eval: bool = True                          # validation loss (by position) and passkey at the stage's end
 
 
 @dataclass
 class ModelConfig:
-    source: Literal["embedded", "hf", "gguf", "config"] = "embedded"
+    source: str = one_of("embedded", "hf", "gguf", "config", default="embedded")
     name: str = "smollm2-135m-instruct"  # source=embedded: a model shipped in a PyPI package
     path: str | None = None             # hf: a local directory; gguf: a .gguf file
-    config: dict[str, Any] | None = None  # source=config: a transformers config (model_type + fields)
+    config: Any = None                  # source=config: a transformers config (model_type + fields); Any: see RopeConfig
     tokenizer: str | None = None        # a local tokenizer directory or embedded:<name>; default: the model's own
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = one_of("auto", "float32", "bfloat16", default="auto")   # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     offload_activations: bool = False   # keep checkpointed layer inputs in CPU memory
     checkpoint_every_n_layers: int = 1  # with checkpointing: only every n-th layer recomputes (speed for memory)
@@ -75,7 +88,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel: int = 1
+    sequence_parallel: int = 1          # Ulysses degree of stages that don't set their own
 
 
 @dataclass
@@ -103,7 +116,8 @@ class LoggerConfig:
     project: str = "moba-train"
     group: str | None = None
     name: str | None = None
-    mode: Literal["offline", "online", "disabled"] | None = None   # None: $WANDB_MODE, else offline
+    # None: $WANDB_MODE, else offline (nothing leaves the machine unless asked)
+    mode: str | None = one_of("offline", "online", "disabled", None, default=None)
     peak_tflops: float | None = None    # per device, for MFU; None: data sheet of a known GPU, else a measured matmul
     routing_stats_every: int = 200      # MoBA routing statistics on the first step of each stage and every N steps; 0: off
     routing_stats_queries: int = 128    # queries per layer whose captured attention mass is measured on such a step
@@ -129,12 +143,15 @@ class EvalConfig:
     tail_tokens: int = 2048             # trailing-token loss: the last min(tail_tokens, seq_len/4) positions
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     plots: bool = True                  # PNGs in <output_dir>/plots/ (and wandb) at stage ends and at the end
+    # A stage-end evaluation that raises: continue (recorded with its error; the stage's checkpoint is already
+    # written) or fail (the run stops after recording it; resuming repeats only the evaluation).
+    on_error: str = one_of("continue", "fail", default="continue")
 
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "outputs/run"
-    cache_dir: str = "~/.cache/moba-train"
+    output_dir: str = "outputs/${run_name}"
+    cache_dir: str = "${oc.env:MOBA_TRAIN_CACHE,'~/.cache/moba-train'}"
 
 
 @dataclass
@@ -144,15 +161,19 @@ class DebugConfig:
     shrink_seq_len: int | None = None     # smoke runs: cap every stage's length (and what depends on it)
     poison_loss_at_steps: list[int] = field(default_factory=list)  # tests: rank 0's loss is NaN at these steps
     interrupt_after_step: int | None = None   # tests: send this process SIGINT after this global step
+    # tests: stage-end evaluations that raise ("passkey") or die like kill -9 ("passkey:kill"); also position_loss, plots
+    fail_evaluations: list[str] = field(default_factory=list)
 
 
 @dataclass
-class RunConfig:
+class RunSchema:
+    """What a composed config holds (Hydra's structured base of configs/train.yaml)."""
+
     run_name: str
-    model: ModelConfig
-    attention: dict[str, Any]
-    data: dict[str, Any]
     stages: list[StageConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionPlanConfig = field(default_factory=AttentionPlanConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -162,26 +183,51 @@ class RunConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved run: what the trainer, the dry run, evaluation and tracking all read.
+
+    The run-level `attention` and `parallel` settings live on inside each stage (Stage.attention,
+    Stage.sequence_parallel), which is the only place anything reads them from."""
+
+    run_name: str
+    stages: tuple  # tuple[Stage, ...] (moba_train.config.stages)
+    model: ModelConfig
+    data: DataConfig
+    deepspeed: DeepSpeedConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    eval: EvalConfig
+    paths: PathsConfig
+    debug: DebugConfig
+
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_schema() -> None:
+    """Give Hydra `RunSchema` as the structured base of configs/train.yaml (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunSchema)
+
+
 def load_run_config(raw: dict) -> RunConfig:
-    """Schema-check a composed config (plain dict) and run the cross-field checks."""
+    """Schema-check a composed config (plain dict), resolve its stages, and run every check that needs no model."""
+    from .stages import resolve_stages, shrink_stages
+
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    cap = (raw.get("debug") or {}).get("shrink_seq_len")
-    if cap:
-        raw = shrink_stages(raw, cap)
-    cfg = from_dict(RunConfig, raw, "config")
-    check(cfg)
-    return cfg
+    schema = from_dict(RunSchema, raw, "config")
+    check(schema)
+    stages = resolve_stages(schema)
+    if schema.debug.shrink_seq_len:
+        stages = shrink_stages(stages, schema.debug.shrink_seq_len)
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.name != "stages"]
+    return RunConfig(stages=stages, **{name: getattr(schema, name) for name in names})
 
 
-def stage_sequence_parallel(cfg: RunConfig, stage: StageConfig) -> int:
-    return stage.sequence_parallel if stage.sequence_parallel is not None else cfg.parallel.sequence_parallel
-
-
-def stage_attention(cfg: RunConfig, stage: StageConfig) -> dict:
-    return stage.attention if stage.attention is not None else cfg.attention
-
-
-def check(cfg: RunConfig) -> None:
+def check(cfg: RunSchema) -> None:
+    """The run-wide checks; each stage's own live in moba_train.config.stages."""
     if not cfg.stages:
         raise ConfigError("stages: a run needs at least one stage; add one under `stages:` in the recipe")
     check_optimizer(cfg.trainer.optimizer)
@@ -193,50 +239,27 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage >= 1; use deepspeed=zero2_offload")
     if cfg.model.source in ("hf", "gguf") and not cfg.model.path:
         raise ConfigError(f"model.path is required for model.source={cfg.model.source}")
+    if cfg.model.config is not None and not isinstance(cfg.model.config, dict):
+        raise ConfigError(f"model.config must be a mapping (a transformers config), got {cfg.model.config!r}")
     if cfg.model.source == "config" and not cfg.model.config:
         raise ConfigError("model.config (a transformers config with model_type) is required for model.source=config")
     if cfg.parallel.sequence_parallel < 1:
         raise ConfigError(f"parallel.sequence_parallel must be >= 1, got {cfg.parallel.sequence_parallel}")
-    names = [s.name for s in cfg.stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"stage names must be unique (checkpoints and logs use them), got {names}")
-    for i, s in enumerate(cfg.stages):
-        where = f"stages[{i}] ({s.name})"
-        if s.seq_len < 1:
-            raise ConfigError(f"{where}: seq_len must be positive, got {s.seq_len}")
-        if (s.tokens is None) == (s.steps is None):
-            raise ConfigError(f"{where}: give exactly one of `tokens` or `steps` (got tokens={s.tokens}, steps={s.steps})")
-        if (s.tokens is not None and s.tokens < 1) or (s.steps is not None and s.steps < 1):
-            raise ConfigError(f"{where}: tokens/steps must be positive")
-        if s.micro_batch_size < 1 or s.grad_accum < 1:
-            raise ConfigError(f"{where}: micro_batch_size and grad_accum must be >= 1")
-        if i and s.seq_len < cfg.stages[i - 1].seq_len and s.mode == "pretrain":
-            raise ConfigError(f"{where}: seq_len {s.seq_len} is shorter than the previous stage's "
-                              f"{cfg.stages[i - 1].seq_len}; pretraining stages grow the context (order them by seq_len)")
-        sp = stage_sequence_parallel(cfg, s)
-        if sp < 1 or s.seq_len % sp:
-            raise ConfigError(f"{where}: seq_len {s.seq_len} must be divisible by sequence_parallel={sp}; "
-                              f"pick seq_len a multiple of {sp}")
-        attn = stage_attention(cfg, s)
-        block = attn.get("block_size")
-        if block is not None and _uses_moba(attn) and s.seq_len % block:
-            raise ConfigError(f"{where}: seq_len {s.seq_len} must be divisible by the MoBA block_size {block}; "
-                              f"use a multiple of {block} or change attention.block_size")
-        if attn.get("topk", 1) < 1:
-            raise ConfigError(f"{where}: attention.topk must be >= 1, got {attn.get('topk')}")
-        if s.lr.peak <= 0 or not 0 <= s.lr.min_ratio <= 1 or s.lr.warmup < 0:
-            raise ConfigError(f"{where}: lr needs peak > 0, 0 <= min_ratio <= 1, warmup >= 0")
+    if cfg.trainer.checkpoint_every < 0 or cfg.trainer.keep_checkpoints < 1 or cfg.trainer.max_bad_steps < 1:
+        raise ConfigError("trainer.checkpoint_every must be >= 0 (0: stage ends only), trainer.keep_checkpoints and "
+                          "trainer.max_bad_steps >= 1")
+    if cfg.trainer.eval_batches < 0 or cfg.trainer.loss_chunk_tokens < 1:
+        raise ConfigError("trainer.eval_batches must be >= 0 (0: no validation loss) and trainer.loss_chunk_tokens >= 1")
     check_eval(cfg)
 
 
-def check_eval(cfg: RunConfig) -> None:
+def check_eval(cfg: RunSchema) -> None:
     pk = cfg.eval.passkey
     if any(not 0.0 <= d <= 1.0 for d in pk.depths) or not pk.depths:
         raise ConfigError(f"eval.passkey.depths must be fractions in [0, 1] (where the key sits in the haystack), "
                           f"got {pk.depths}")
     if pk.lengths is not None and any(n < 64 for n in pk.lengths):
         raise ConfigError(f"eval.passkey.lengths must be token counts >= 64, got {pk.lengths}")
-    from moba_train.eval.passkey import STYLES
     if pk.haystack not in STYLES:
         raise ConfigError(f"eval.passkey.haystack must be one of {sorted(STYLES)}, got {pk.haystack!r}")
     if pk.samples < 1 or cfg.eval.position_buckets < 1 or cfg.eval.tail_tokens < 1:
@@ -245,35 +268,6 @@ def check_eval(cfg: RunConfig) -> None:
         raise ConfigError("logger.routing_stats_every must be >= 0 (0: off) and logger.routing_stats_queries >= 1")
     if cfg.logger.peak_tflops is not None and cfg.logger.peak_tflops <= 0:
         raise ConfigError(f"logger.peak_tflops must be positive (per-device dense TFLOP/s), got {cfg.logger.peak_tflops}")
-
-
-def _uses_moba(attn: dict) -> bool:
-    layer_sets = [attn.get("moba_layers", "all")] + [p.get("moba_layers") for p in attn.get("phases") or []]
-    return any(ls not in (None, "none", []) for ls in layer_sets)
-
-
-def shrink_stages(raw: dict, cap: int) -> dict:
-    """debug=smoke: every stage at most `cap` tokens long, MoBA blocks and long-document thresholds
-    scaled to fit, one process per sequence. The recipe's logic (stages, plans, RoPE, data, SFT) is kept."""
-    raw = copy.deepcopy(raw)
-    block = max(1, cap // 4)
-
-    def shrink_plan(plan):
-        if plan and plan.get("block_size", 0) > block:
-            plan["block_size"] = block
-
-    shrink_plan(raw.get("attention"))
-    raw.setdefault("parallel", {})["sequence_parallel"] = 1
-    for stage in raw.get("stages") or []:
-        stage["seq_len"] = min(stage["seq_len"], cap)
-        stage["sequence_parallel"] = None
-        stage["micro_batch_size"] = 1
-        stage["grad_accum"] = 1
-        shrink_plan(stage.get("attention"))
-        data = stage.get("data") or {}
-        if data.get("long_doc_min_tokens", 0) > cap // 2:
-            data["long_doc_min_tokens"] = cap // 2
-    return raw
 
 
 def check_optimizer(spec: dict) -> None:

@@ -34,6 +34,7 @@ from moba_train.distributed.groups import layout                               #
 from moba_train.distributed.ulysses import apply_sequence_parallel, shard_batch  # noqa: E402
 from moba_train.models import AttentionPlan, attach_plan                        # noqa: E402
 from moba_train.tracking.flops import ModelShape, device_peak, step_flops       # noqa: E402
+from moba_train.models.hf_compat import enable_activation_checkpointing  # noqa: E402
 from moba_train.job.lm import PackedCausalLM                                 # noqa: E402
 from moba_train.trainer.step import train_step                                   # noqa: E402
 
@@ -78,8 +79,7 @@ def build(args):
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=DTYPE):
         model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                          offload=args.offload_activations, every_n_layers=args.checkpoint_every)
+    enable_activation_checkpointing(model, every_n_layers=args.checkpoint_every, offload=args.offload_activations)
     if args.tiled_mlp > 1:
         from moba_train.models.tiled_mlp import tile_mlps
         tile_mlps(model, args.tiled_mlp)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from moba_train.models import LoadedModel, load_embedded, load_gguf, load_hf_dir, build_from_config
+from moba_train.models.hf_compat import enable_activation_checkpointing
 from moba_train.models.tiled_mlp import tile_mlps
 
 from moba_train.config import RunConfig
@@ -74,13 +75,4 @@ def apply_activation_checkpointing(model, m) -> None:
     if m.checkpoint_every_n_layers < 1:
         raise ValueError(f"model.checkpoint_every_n_layers must be >= 1 (1: every layer), got {m.checkpoint_every_n_layers}")
     if m.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                                  offload=m.offload_activations,
-                                                  every_n_layers=m.checkpoint_every_n_layers)
-        elif m.offload_activations or m.checkpoint_every_n_layers > 1:
-            raise ValueError("model.offload_activations and model.checkpoint_every_n_layers need transformers' "
-                             "activation_checkpointing_enable (transformers >= 5.20); upgrade transformers, or set "
-                             "model.offload_activations=false and model.checkpoint_every_n_layers=1")
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, m.checkpoint_every_n_layers, m.offload_activations)

@@ -1,10 +1,13 @@
-"""The one place that knows how the installed transformers names the KV cache.
+"""The one place that knows the calling conventions that differ between transformers releases.
 
-transformers 5.24 renamed the attention modules' `past_key_values` argument to `cache` (the old name
+The KV cache: transformers 5.24 renamed the attention modules' `past_key_values` argument to `cache` (the old name
 is deprecated, to be removed in 5.40), and the model outputs' field with it. Instead of comparing
 version numbers, moba-train reads the name off each attention module's own `forward` signature,
 once, when a plan is attached; a module that takes none of the known names is refused there, with
 the names it does take, so that a future rename fails loudly instead of decoding without a cache.
+
+Activation checkpointing: 5.20 added `activation_checkpointing_enable` (every_n_layers, CPU offload) and
+deprecated `gradient_checkpointing_enable`; `enable_activation_checkpointing` takes whichever exists.
 """
 
 from __future__ import annotations
@@ -75,4 +78,25 @@ def output_cache(output) -> Any:
                      f"{list(CACHE_KEYWORDS)})")
 
 
-__all__ = ["CACHE_KEYWORDS", "CacheArgument", "cache_argument", "model_cache_keyword", "output_cache"]
+def enable_activation_checkpointing(model, every_n_layers: int = 1, offload: bool = False) -> None:
+    """Recompute every `every_n_layers`-th decoder layer in the backward (non-reentrant); `offload` keeps the
+    checkpointed inputs in CPU memory (transformers >= 5.20 only, else ValueError naming the fix)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload,
+                                              every_n_layers=every_n_layers)
+        return
+    if offload:
+        raise ValueError("model.offload_activations needs transformers' activation_checkpointing_enable "
+                         "(transformers >= 5.20); install the tested versions (make install) or set "
+                         "model.offload_activations=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # what every_n_layers does in later releases: only every n-th layer keeps its checkpointing switched on
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and m is not model
+              and type(m).__name__.endswith("DecoderLayer")]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every_n_layers == 0
+
+
+__all__ = ["CACHE_KEYWORDS", "CacheArgument", "cache_argument", "enable_activation_checkpointing",
+           "model_cache_keyword", "output_cache"]

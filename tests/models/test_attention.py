@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moba_train.models import ATTN_IMPLEMENTATION, AttentionPlan, attach_plan, build_from_config
-from moba_train.models.hf_compat import model_cache_keyword, output_cache
+from moba_train.models.hf_compat import enable_activation_checkpointing, model_cache_keyword, output_cache
 from tests.models.tiny import FAMILIES, logits, pack, random_docs, stock_model, tiny_config, with_plan
 
 FULL = {"block_size": 4, "topk": 2, "moba_layers": "none"}
@@ -241,7 +241,7 @@ def test_activation_checkpointing_keeps_the_packed_boundaries():
     for checkpointing in (False, True):
         model = with_plan(ref, MIXED).train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):

@@ -78,3 +78,30 @@ def test_a_decoding_call_without_the_cache_names_the_keyword_it_expected():
     with pytest.raises(RuntimeError, match=rf"passed no {cache_argument(attn).keyword!r} \(keywords passed: "
                                            r"\['hidden_states', 'kv_store'\]\)"):
         moba_train_attention(attn, q, kv, kv, None)
+
+
+def test_activation_checkpointing_before_transformers_5_20_keeps_every_nth_layer(monkeypatch):
+    """transformers < 5.20 has only gradient_checkpointing_enable: every_n_layers is applied by hand, the same
+    layers recompute as with activation_checkpointing_enable, and CPU offload is refused with the fix."""
+    import transformers
+
+    from moba_train.models import build_from_config
+    from moba_train.models.hf_compat import enable_activation_checkpointing
+
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2)
+    new = build_from_config(cfg, seed=0)
+    enable_activation_checkpointing(new, every_n_layers=2)
+    current = getattr(transformers.PreTrainedModel, "activation_checkpointing_enable", None)
+    if current is not None:    # this transformers is >= 5.20: make it look like 5.17 (every layer, no every_n_layers)
+        monkeypatch.setattr(transformers.PreTrainedModel, "gradient_checkpointing_enable",
+                            lambda self, gradient_checkpointing_kwargs=None:
+                            current(self, activation_checkpointing_kwargs=gradient_checkpointing_kwargs))
+        monkeypatch.delattr(transformers.PreTrainedModel, "activation_checkpointing_enable")
+    old = build_from_config(cfg, seed=0)
+    assert not hasattr(old, "activation_checkpointing_enable")
+    enable_activation_checkpointing(old, every_n_layers=2)
+    flags = [[layer.gradient_checkpointing for layer in m.model.layers] for m in (new, old)]
+    assert flags == [[True, False, True, False]] * 2
+    with pytest.raises(ValueError, match="offload_activations needs transformers' activation_checkpointing_enable"):
+        enable_activation_checkpointing(old, offload=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moba_train.models import AttentionPlan, attach_plan, attention_modules, build_from_config
+from moba_train.models.hf_compat import enable_activation_checkpointing
 from moba_train.ops.moba import build_layout, select_blocks
 from moba_train.tracking import distance_bins
 from moba_train.tracking.routing_stats import RoutingCollector, probing
@@ -61,7 +62,7 @@ def test_probe_leaves_the_output_unchanged_and_reports_each_moba_layer_once():
     model = build_from_config(cfg, seed=0)
     plan = AttentionPlan.from_config({"block_size": 16, "topk": 2, "moba_layers": [0, 2]}, 3)
     attach_plan(model, plan)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     plain = model(ids, use_cache=False).logits

@@ -143,14 +143,22 @@ def main(argv: list[str] | None = None) -> None:
     if not CONFIG_DIR.is_dir():
         sys.exit(f"moba-train: config directory {CONFIG_DIR} not found; install the project from its repository "
                  f"(pip install -e .) so that configs/ and recipes/ are next to the package")
+    from moba_train.command_line import check_overrides, help_text, recipe_from_file
+
     argv = _split_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if any(a in ("--help", "-h") for a in argv):
+        print(help_text(CONFIG_DIR))
+        return
     invocation, argv = _split_invocation(argv)
+    check_overrides(argv, CONFIG_DIR)
+    argv = recipe_from_file(argv, CONFIG_DIR)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
 
     import hydra
     from omegaconf import OmegaConf
 
     from moba_train.config import register_schema
+    from moba_train.errors import UserError
     from moba_train.schema import ConfigError
 
     register_schema()
@@ -158,10 +166,22 @@ def main(argv: list[str] | None = None) -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _app(cfg) -> None:
         logging.getLogger("moba_train").setLevel(logging.INFO)
+        # DeepSpeed's import probes its optional ops with test compiles, which distutils logs at INFO: noise
+        logging.getLogger("compilers").setLevel(logging.WARNING)
+        from moba_train.trainer.failures import RunStopped
+
         try:
             result = run_job(OmegaConf.to_container(cfg, resolve=True), invocation)
         except ConfigError as e:
             sys.exit(f"moba-train: configuration error: {e}")
+        except UserError as e:           # bad data, a corrupt checkpoint, another model's checkpoint: the fix is named
+            sys.exit(f"moba-train: {e}")
+        except RunStopped as e:          # a signal stopped the run with nothing lost: not a failure
+            print(f"moba-train: {e}", flush=True)
+            sys.exit(0)
+        except KeyboardInterrupt:        # a second Ctrl-C while a step or a checkpoint was under way
+            sys.exit("moba-train: aborted by a second Ctrl-C; the newest complete checkpoint is kept, run the same "
+                     "command again to resume from it")
         if invocation.dry_run and not result.ok:
             sys.exit(1)
 

@@ -15,7 +15,10 @@ import typing
 from typing import Any, Mapping
 
 
-class ConfigError(ValueError):
+from moba_train.errors import UserError
+
+
+class ConfigError(UserError):
     """A configuration problem; the message says where and how to fix it."""
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from moba_train.data.config import DataConfig
+from moba_train.data.config import DataConfig, parse_data_config
 from moba_train.data.haystacks import STYLES
 from moba_train.models.plan import AttentionPlanConfig
 from moba_train.schema import ConfigError, from_dict, one_of
@@ -106,6 +106,9 @@ class TrainerConfig:
     loss_chunk_tokens: int = 4096       # logits are materialized this many positions at a time
     eval_batches: int = 2
     resume: str = "auto"                # auto | never | a checkpoint directory
+    # resume=auto meets a checkpoint whose files do not match its manifest: fallback (to the newest valid one,
+    # reported by path) or fail (stop, naming it and the fix)
+    on_corrupt_checkpoint: str = one_of("fallback", "fail", default="fallback")
     export: bool = True                 # write a Hugging Face model at the end
     dist_timeout_s: int = 600
 
@@ -161,7 +164,8 @@ class DebugConfig:
     shrink_seq_len: int | None = None     # smoke runs: cap every stage's length (and what depends on it)
     poison_loss_at_steps: list[int] = field(default_factory=list)  # tests: rank 0's loss is NaN at these steps
     interrupt_after_step: int | None = None   # tests: send this process SIGINT after this global step
-    # tests: stage-end evaluations that raise ("passkey") or die like kill -9 ("passkey:kill"); also position_loss, plots
+    # tests: stage-end evaluations that raise ("passkey"), die like kill -9 ("passkey:kill") or get a Ctrl-C
+    # ("passkey:interrupt"); also position_loss, plots
     fail_evaluations: list[str] = field(default_factory=list)
 
 
@@ -173,7 +177,9 @@ class RunSchema:
     stages: list[StageConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionPlanConfig = field(default_factory=AttentionPlanConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # DataConfig's defaults as a plain mapping: OmegaConf refuses a source added on the command line
+    # (+data.sources.mine={format: jsonl, ...}) to a dict typed with dataclass values. Parsed by load_run_config.
+    data: Any = field(default_factory=lambda: dataclasses.asdict(DataConfig()))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -219,11 +225,12 @@ def load_run_config(raw: dict) -> RunConfig:
     raw = {k: v for k, v in raw.items() if k != "hydra"}
     schema = from_dict(RunSchema, raw, "config")
     check(schema)
-    stages = resolve_stages(schema)
+    data = parse_data_config(schema.data, "data", used=[])
+    stages = resolve_stages(schema, data)
     if schema.debug.shrink_seq_len:
         stages = shrink_stages(stages, schema.debug.shrink_seq_len)
-    names = [f.name for f in dataclasses.fields(RunConfig) if f.name != "stages"]
-    return RunConfig(stages=stages, **{name: getattr(schema, name) for name in names})
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("stages", "data")]
+    return RunConfig(stages=stages, data=data, **{name: getattr(schema, name) for name in names})
 
 
 def check(cfg: RunSchema) -> None:

@@ -21,8 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moba_train.data.config import DataConfig, StageDataConfig, check_stage_against_sources, parse_data_config, \
-    parse_stage_data_config
+from moba_train.data.config import DataConfig, StageDataConfig, check_stage_against_sources, parse_stage_data_config
 from moba_train.models.plan import SCHEDULE_KEYS, AttentionSpec, attention_spec
 from moba_train.schema import ConfigError
 
@@ -159,12 +158,11 @@ def _data_seed(stages: list[StageConfig], index: int, seed: int) -> int:
     return seed + 1000 * index
 
 
-def resolve_stages(schema: RunSchema) -> tuple[Stage, ...]:
-    """Every stage of the run, merged and checked; raises ConfigError naming the stage and the fix."""
+def resolve_stages(schema: RunSchema, data: DataConfig) -> tuple[Stage, ...]:
+    """Every stage of the run, merged and checked against the parsed `data`; ConfigError naming the stage and fix."""
     names = [s.name for s in schema.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stage names must be unique (checkpoints and logs use them), got {names}")
-    data: DataConfig = parse_data_config(schema.data, used=[])
     run_attention = _run_attention(schema)
     try:
         attention_spec(run_attention, "attention")

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections import Counter
 
 
-class DataError(ValueError):
+from moba_train.errors import UserError
+
+
+class DataError(UserError):
     """Bad data, or data that does not fit the config; the message says where and how to fix it."""
 
 

@@ -255,9 +255,16 @@ class StageData:
                 streams.append(Stream(name, i, docs[keep], self.shares[name], self.seed, cycle=False))
         if not streams:
             held = {n: len(self.heldout_docs[n]) for n in self.names}
-            raise DataError(f"no held-out document of {self.names} to validate on (held out: {held}"
+            whole = self.stage.overflow == "drop" or self.mode == "sft"
+            if whole and any(held.values()) and min_doc_tokens <= 1:
+                kind = "conversation" if self.mode == "sft" else "document"
+                raise DataError(f"{self.where}: every held-out {kind} of {self.names} (held out: {held}) is longer than "
+                                f"seq_len {L}, and {'SFT keeps conversations whole' if self.mode == 'sft' else 'overflow=drop'}"
+                                f"; raise the stage's seq_len, or set stages[].eval=false")
+            raise DataError(f"{self.where}: no held-out document of {self.names} to validate on (held out: {held}"
                             f"{f', of at least {min_doc_tokens} tokens' if min_doc_tokens else ''}); raise "
-                            f"data.sources.<name>.holdout_fraction" + (" or lower min_doc_tokens" if min_doc_tokens else ""))
+                            f"data.sources.<name>.holdout_fraction"
+                            + (" or lower min_doc_tokens" if min_doc_tokens else "") + ", or set stages[].eval=false")
         packer = Packer(Mixer(streams, self._offsets, L), L, cut=self.mode == "pretrain", lookahead=self.data.lookahead)
         packs = []
         while max_packs is None or len(packs) < max_packs:
@@ -273,16 +280,23 @@ class StageData:
 
     # ------------------------------------------------------------ reporting
 
-    def report(self) -> str:
-        """Sources, shares, held-out split, skips, epochs: for the log at the stage's start and end."""
+    def report(self, listed: set[str] | None = None) -> str:
+        """Sources, shares, held-out split, skips, epochs: for the log at the stage's start and end.
+
+        `listed`: the sources whose skipped records an earlier report of the run listed in full (updated here);
+        their line then gives only the count."""
         lines = [f"{self.where} data: {self.mode}, seq_len {self.seq_len}, {self.packs_consumed} packs consumed"]
         for name in self.names:
             src = self.sources[name]
             train = int(src.lengths[self.train_docs[name]].sum())
             held = int(src.lengths[self.heldout_docs[name]].sum())
+            skips = src.skips.brief()
+            if listed is not None:
+                if src.skips.total and name in listed:      # the reasons and examples once, then the count
+                    skips = f"skipped {src.skips.total} record(s), as listed above"
+                listed.add(name)
             lines.append(f"  {name}: share {self.shares[name]:.3f}; {len(self.train_docs[name])} training documents "
-                         f"({train:,} tokens), {len(self.heldout_docs[name])} held out ({held:,} tokens); "
-                         f"{src.skips.brief()}")
+                         f"({train:,} tokens), {len(self.heldout_docs[name])} held out ({held:,} tokens); {skips}")
         total = sum(s.emitted for s in self.streams) or 1
         for s in self.streams:
             lines.append(f"  stream {s.key}: weight {s.weight:.3f}, {len(s.docs)} documents, epoch {s.epoch}, "

@@ -1,16 +1,15 @@
 """Records to token files: batched fast-tokenizer calls in a pool of processes, written in record order.
 
 Workers hold only the Rust `tokenizers.Tokenizer` (rebuilt from its JSON), so they start in milliseconds
-and never import transformers. The main process reads and renders records and writes results in order,
+and never import transformers. They run in a `WorkerPool` (one pipe per worker, no shared lock), which
+is closed on success and killed on an error or Ctrl-C, so tearing it down never hangs. The main process reads and renders records and writes results in order,
 with a bounded number of batches in flight so that a corpus larger than memory streams through.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import sys
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
@@ -21,6 +20,7 @@ import numpy as np
 
 from moba_train.data.sft import ChatRenderer
 from moba_train.data.skips import DataError, SkipLog
+from moba_train.data.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def tokenize_records(records: Iterator[tuple], *, chat: bool, renderer: ChatRend
     worker_fn = encode_chats if chat else encode_texts
     pool = None
     if num_proc > 1:
-        # fork: children inherit nothing they use but the spec; spawn would re-import the training script
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        pool = multiprocessing.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(spec,))
+        pool = WorkerPool(num_proc, initializer=_init_worker, initargs=(spec,))
     else:
         from tokenizers import Tokenizer
         _WORKER.update(tokenizer=Tokenizer.from_str(spec.tokenizer_json), spec=spec)
@@ -140,13 +138,13 @@ def tokenize_records(records: Iterator[tuple], *, chat: bool, renderer: ChatRend
     n_tokens, started, last_report = 0, time.perf_counter(), time.perf_counter()
     pending: deque = deque()
     try:
-        with nullcontext() if pool else _one_thread(), open(os.path.join(out_dir, "tokens.bin"), "wb") as tok_file, \
+        with pool if pool else _one_thread(), open(os.path.join(out_dir, "tokens.bin"), "wb") as tok_file, \
                 open(os.path.join(out_dir, "targets.bin"), "wb") if chat else nullcontext() as tgt_file:
 
             def drain_one() -> None:
                 nonlocal n_tokens, last_report
                 result, where = pending.popleft()
-                ids, lens, *targets = result.get() if pool else result
+                ids, lens, *targets = pool.result(result) if pool else result
                 for i in np.flatnonzero(lens == 0):
                     skips.skip("too short (no token with a target)" if chat else f"too short (< {MIN_DOC_TOKENS} tokens)",
                                where[i])
@@ -161,14 +159,14 @@ def tokenize_records(records: Iterator[tuple], *, chat: bool, renderer: ChatRend
                              sum(map(len, lengths)), n_tokens / 1e6, n_tokens / (last_report - started) / 1e3)
 
             for payload, where in _batches(records, chat, renderer, skips):
-                pending.append((pool.apply_async(worker_fn, (payload,)) if pool else worker_fn(payload), where))
+                pending.append((pool.submit(worker_fn, payload) if pool else worker_fn(payload), where))
                 while len(pending) > IN_FLIGHT_PER_WORKER * max(num_proc, 1) or (not pool and pending):
                     drain_one()
             while pending:
                 drain_one()
     finally:
         if pool:
-            pool.terminate()
+            pool.kill()        # a no-op after the clean close on leaving the `with`
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if lens.size == 0:
         raise DataError(f"source {skips.source!r} has no usable documents: {skips.describe() or 'it is empty'}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +124,15 @@ def plots_from_metrics(output_dir: Path) -> dict[str, Path]:
 
 
 def _inject_fault(name: str, faults: list[str]) -> None:
-    """Tests (debug.fail_evaluations): "<name>" makes that evaluation raise, "<name>:kill" dies like kill -9."""
+    """Tests (debug.fail_evaluations): "<name>" makes that evaluation raise, "<name>:kill" dies like kill -9,
+    "<name>:interrupt" gets a Ctrl-C."""
     if name in faults:
         raise RuntimeError(f"injected failure of {name} (debug.fail_evaluations)")
     if f"{name}:kill" in faults:
         os._exit(17)
+    if f"{name}:interrupt" in faults:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)                     # the handler raises before this returns
 
 
 def _failed_on_any_rank(failed: bool, world: int) -> bool:

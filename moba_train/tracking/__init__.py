@@ -55,8 +55,8 @@ class Tracker:
                            if model is not None else None)
         if not is_main:
             return
-        kept = self.metrics.truncate_after(resume_step, drop=lambda r: r.get("kind") in EVAL_KINDS
-                                           and r.get("stage_index") == pending_eval_stage)
+        kept = self.metrics.truncate_after(resume_step, drop=lambda r: r.get("kind") == "run_end" or (
+            r.get("kind") in EVAL_KINDS and r.get("stage_index") == pending_eval_stage))
         self.kept = kept
         self.losses = [r["loss"] for r in kept if r.get("kind") == "train" and r.get("loss") is not None]
         if cfg.logger.wandb:
@@ -192,7 +192,10 @@ class Tracker:
 
         self._log({f"plots/{name}": wandb.Image(str(path)) for name, path in paths.items()}, step)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, status: str = "finished", step: int = 0) -> None:
+        """status: finished | stopped (a signal; resumable, nothing lost) | failed. Recorded in metrics.jsonl; wandb
+        marks a stopped run finished (exit code 0) with status "stopped" in its summary, a failed one failed."""
+        self._write({"kind": "run_end", "status": status, "step": step})
         if self._wandb is not None:
-            wandb_run.finish(self._wandb, failed)
+            wandb_run.finish(self._wandb, status)
             self._wandb = None

@@ -65,5 +65,7 @@ def start(cfg, output_dir: Path, run_id: str | None, config: dict):
     return run
 
 
-def finish(run, failed: bool) -> None:
-    run.finish(exit_code=1 if failed else 0)
+def finish(run, status: str) -> None:
+    """status: finished | stopped (by a signal, resumable: not a failure) | failed."""
+    run.summary["status"] = status
+    run.finish(exit_code=1 if status == "failed" else 0)

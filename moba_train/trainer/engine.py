@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import io
 import json
 import logging
 import os
@@ -32,8 +34,11 @@ def init_distributed(timeout_s: int) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    # On CPU, DeepSpeed loads its shared-memory collective op and prints that it "built successfully" at every
+    # start: noise, kept out of the console (errors still raise).
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
 
 
 def deepspeed_config(cfg: RunConfig, stage: Stage, load_universal: bool = False) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -11,13 +12,23 @@ import torch.distributed as dist
 from moba_train.config import RunConfig, Stage
 
 
+class RunStopped(Exception):
+    """A stop asked for by a signal that left the newest complete checkpoint: the command exits 0 and the
+    next run of the same command resumes."""
+
+
 class StopRequest:
-    """First Ctrl-C (or SIGTERM, e.g. a scheduler's preemption) asks for a checkpoint and a clean exit at
-    the end of the current step; a second Ctrl-C interrupts at once. All ranks agree before stopping,
-    so the checkpoint's collectives run everywhere."""
+    """Ctrl-C or SIGTERM (a scheduler's preemption), wherever the run is.
+
+    While deferring (the step loop and a checkpoint being written) the first signal asks for a clean stop:
+    the current step ends, a checkpoint is written and `RunStopped` is raised; all ranks agree first, so
+    the checkpoint's collectives run everywhere. A second Ctrl-C then aborts at once (KeyboardInterrupt,
+    the previous checkpoint kept). Anywhere else (tokenizing, loading, evaluating) there is nothing to
+    save that is not saved already: the first signal stops at once, as `StopNow`."""
 
     def __init__(self):
         self._asked = False
+        self._deferring = 0
         self._previous = {}
         self._pid = os.getpid()
 
@@ -31,20 +42,36 @@ class StopRequest:
                 pass
         return req
 
+    @contextlib.contextmanager
+    def deferring(self):
+        """Inside this block a first signal only asks (see `requested`)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:
-            # A forked worker (e.g. a tokenizer pool) inherits the handler: it must die as usual,
-            # or Pool.terminate() waits for it forever.
+            # A forked process inherits the handler: it must die as usual.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if not self._deferring:
+            self._asked = True
+            raise StopNow(signal.Signals(signum).name)
         if self._asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._asked = True
         print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)",
               flush=True)
 
+    @property
+    def asked(self) -> bool:
+        return self._asked
+
     def requested(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
         flag = torch.tensor([1.0 if self._asked else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
@@ -55,6 +82,10 @@ class StopRequest:
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopNow(KeyboardInterrupt):
+    """The first Ctrl-C/SIGTERM outside the step loop: stop at once (nothing unsaved is lost)."""
 
 
 def is_oom(error: BaseException) -> bool:

@@ -27,12 +27,12 @@ import torch.distributed as dist
 
 from moba_train.config import RunConfig, Stage
 from moba_train.distributed.groups import layout
-from moba_train.distributed.ulysses import apply_sequence_parallel, kv_replication, shard_batch
+from moba_train.distributed.ulysses import apply_sequence_parallel, shard_batch
 from moba_train.eval.stage_end import StageEvaluation, evaluate_stage_end
 from moba_train.job import checkpoint_files
 from moba_train.job.lm import PackedCausalLM
 from moba_train.job.model_setup import load_for_training, model_dtype
-from moba_train.job.preflight import preflight
+from moba_train.job.preflight import check_stage_data, preflight
 from moba_train.job.stage_data import build_stream
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
 from moba_train.models.attention import backend_choices
@@ -40,7 +40,7 @@ from moba_train.tracking import StepTiming, Tracker
 
 from . import checkpoint
 from .engine import build_engine, init_distributed, set_lr, set_stage_batch
-from .failures import StopRequest, explain_oom, is_oom
+from .failures import RunStopped, StopNow, StopRequest, explain_oom, is_oom
 from .progress import StageProgress, StageSummary, format_table
 from .schedule import lr_at
 from .step import train_step
@@ -72,6 +72,7 @@ class Job:
     ckpt_root: Path
     rank: int
     world: int
+    listed_skips: set[str] = field(default_factory=set)   # sources whose skipped records were printed in full
 
 
 @dataclass
@@ -93,6 +94,22 @@ def export_dir(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig) -> RunResult:
+    """The whole job. Raises RunStopped (exit 0, resumable) when a signal stopped it with nothing lost."""
+    stop = StopRequest.install()
+    try:
+        return _train(cfg, stop)
+    except StopNow as e:
+        # the first Ctrl-C/SIGTERM outside the step loop: every step already taken is in the newest checkpoint
+        found = checkpoint.candidates(Path(cfg.paths.output_dir).expanduser() / "checkpoints")
+        where = found[0] if found else None
+        raise RunStopped(f"stopped by {e} before the next step; "
+                         + (f"the newest checkpoint {where} is complete" if where else "no checkpoint was written yet")
+                         + "; run the same command again to resume") from None
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: RunConfig, stop: StopRequest) -> RunResult:
     init_distributed(cfg.trainer.dist_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = Path(cfg.paths.output_dir).expanduser()
@@ -109,16 +126,9 @@ def train(cfg: RunConfig) -> RunResult:
     torch.manual_seed(cfg.trainer.seed)
 
     loaded = load_for_training(cfg)
+    check_stage_data(cfg, loaded.tokenizer)                   # every stage's data, before the first step
     lm = loaded.model
-    num_layers = lm.config.num_hidden_layers
-    plans = [AttentionPlan.from_config(s.attention, num_layers) for s in cfg.stages]
-    heads = lm.config.num_attention_heads
-    kv_heads = getattr(lm.config, "num_key_value_heads", None) or heads
-    for stage in cfg.stages:
-        try:
-            kv_replication(stage.sequence_parallel, heads, kv_heads)
-        except ValueError as e:
-            raise ValueError(f"{stage.where}: {e}") from None
+    plans = [AttentionPlan.from_config(s.attention, lm.config.num_hidden_layers) for s in cfg.stages]
 
     current = min(state.stage_index, len(cfg.stages) - 1)
     attach_plan(lm, plans[current])
@@ -136,9 +146,9 @@ def train(cfg: RunConfig) -> RunResult:
     tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id,
                       model=lm, world=world, pending_eval_stage=state.eval_pending)
     state.wandb_run_id = tracker.run_id
-    job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, StopRequest.install(), ckpt_root, rank, world)
+    job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, stop, ckpt_root, rank, world)
     result = RunResult(checkpoint_dir=ckpt_root)
-    failed = True
+    status = "failed"
     try:
         if state.eval_pending is not None:                   # the run stopped while evaluating a finished stage
             result.summaries.append(_evaluate_pending(job, cfg.stages[state.eval_pending]))
@@ -151,15 +161,17 @@ def train(cfg: RunConfig) -> RunResult:
             print(f"run {cfg.run_name} finished\n{format_table(result.summaries)}", flush=True)
         if cfg.trainer.export:
             result.export_dir = _export(job, export_dir(cfg))
-        failed = False
+        status = "finished"
+    except (RunStopped, StopNow):
+        status = "stopped"
+        raise
     except Exception as e:
         if is_oom(e):
             stage = cfg.stages[min(state.stage_index, len(cfg.stages) - 1)]
             raise RuntimeError(explain_oom(cfg, stage)) from e
         raise
     finally:
-        job.stop.uninstall()
-        tracker.finish(failed=failed)
+        tracker.finish(status, step=state.global_step)
     result.losses = tracker.losses
     return result
 
@@ -175,11 +187,13 @@ def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
     if mode == "never":
         return None
     if mode == "auto":
-        return checkpoint.find_resumable(ckpt_root)
+        return checkpoint.find_resumable(ckpt_root, cfg.trainer.on_corrupt_checkpoint)
     path = Path(mode).expanduser()
     if not checkpoint_files.is_checkpoint(path):
-        raise ValueError(f"trainer.resume={mode}: not a complete moba-train checkpoint (no {checkpoint_files.STATE_FILE}); "
-                         f"use resume=auto, resume=never or a directory under <output_dir>/checkpoints/")
+        raise ValueError(f"trainer.resume={mode}: not a complete moba-train checkpoint (no "
+                         f"{checkpoint_files.STATE_FILE}); use resume=auto, resume=never or a directory under "
+                         f"<output_dir>/checkpoints/")
+    checkpoint.verify(path)
     return path
 
 
@@ -228,7 +242,7 @@ def enter_stage(job: Job, stage: Stage) -> StageRun:
     log.info("stage %s backends: %s", stage.name, ", ".join(f"{k}={v}" for k, v in backends.items()))
     if job.rank == 0:
         print(_transition_message(stage, plan, backends), flush=True)
-        print(stream.report(), flush=True)
+        print(stream.report(listed=job.listed_skips), flush=True)
     job.tracker.stage_started(stage, plan, step=state.global_step, backends=backends)
     schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
     summary = job.tracker.stage_summary(stage, schedule, backends)   # counts the steps before a resume too
@@ -244,48 +258,50 @@ def train_steps(job: Job, run: StageRun) -> None:
     bad_in_a_row = 0
     started = time.perf_counter()
     try:
-        while state.stage_step < run.total:
-            changed = plan.set_progress(state.stage_step / run.total)
-            lr = lr_at(state.stage_step, run.total, stage.lr)
-            set_lr(engine, lr)
-            started_step = time.perf_counter()
-            packs = [next(run.stream) for _ in range(stage.grad_accum)]
-            data_seconds = time.perf_counter() - started_step
-            batches = [shard_batch(p, run.sp_rank, sp) for p in packs]
-            poison = job.rank == 0 and state.global_step + 1 in cfg.debug.poison_loss_at_steps
-            with job.tracker.routing_probe(job.lm, plan, state.stage_step, state.global_step + 1, stage.seq_len):
-                step = train_step(engine, batches, grad_divisor=layout(sp).world, clip=cfg.trainer.grad_clip,
-                                  poison=poison)
-            timing = StepTiming(time.perf_counter() - started_step, data_seconds)
-            state.stage_step += 1
-            state.global_step += 1
-            state.tokens_seen += step.tokens
-            state.data_state = run.stream.state_dict()
-            state.plan_progress = plan.progress
-            run.summary.add_step(step)
-            if step.skipped:
-                state.bad_steps_total += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                    raise RuntimeError(f"{bad_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, global "
-                                       f"step {state.global_step}); lower stages[{stage.index}].lr.peak, check the "
-                                       f"data, or raise trainer.max_bad_steps")
-            else:
-                bad_in_a_row = 0
-            job.tracker.log_step(state.global_step, stage, step, lr, plan, packs=packs, sp=sp, timing=timing)
-            progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
+        with job.stop.deferring():        # a signal here ends the step, writes a checkpoint, then stops
+            while state.stage_step < run.total:
+                changed = plan.set_progress(state.stage_step / run.total)
+                lr = lr_at(state.stage_step, run.total, stage.lr)
+                set_lr(engine, lr)
+                started_step = time.perf_counter()
+                packs = [next(run.stream) for _ in range(stage.grad_accum)]
+                data_seconds = time.perf_counter() - started_step
+                batches = [shard_batch(p, run.sp_rank, sp) for p in packs]
+                poison = job.rank == 0 and state.global_step + 1 in cfg.debug.poison_loss_at_steps
+                probe = job.tracker.routing_probe(job.lm, plan, state.stage_step, state.global_step + 1, stage.seq_len)
+                with probe:
+                    step = train_step(engine, batches, grad_divisor=layout(sp).world, clip=cfg.trainer.grad_clip,
+                                      poison=poison)
+                timing = StepTiming(time.perf_counter() - started_step, data_seconds)
+                state.stage_step += 1
+                state.global_step += 1
+                state.tokens_seen += step.tokens
+                state.data_state = run.stream.state_dict()
+                state.plan_progress = plan.progress
+                run.summary.add_step(step)
+                if step.skipped:
+                    state.bad_steps_total += 1
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= cfg.trainer.max_bad_steps:
+                        raise RuntimeError(f"{bad_in_a_row} steps in a row had a NaN/inf loss (stage {stage.name}, "
+                                           f"global step {state.global_step}); lower stages[{stage.index}].lr.peak, "
+                                           f"check the data, or raise trainer.max_bad_steps")
+                else:
+                    bad_in_a_row = 0
+                job.tracker.log_step(state.global_step, stage, step, lr, plan, packs=packs, sp=sp, timing=timing)
+                progress.update(step.tokens, step.loss, lr, plan.describe() if changed else None)
 
-            if cfg.debug.interrupt_after_step == state.global_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            stop_now = job.stop.requested()
-            periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
-            if stop_now or (periodic and state.stage_step < run.total):
-                _save(job, sp)
-            if stop_now:
-                raise SystemExit(f"stopped by signal after global step {state.global_step}; checkpoint written to "
-                                 f"{job.ckpt_root}; run the same command again to resume")
-            if cfg.debug.crash_after_step is not None and state.global_step >= cfg.debug.crash_after_step:
-                os._exit(17)   # tests: die like a killed process, without any cleanup
+                if cfg.debug.interrupt_after_step == state.global_step:
+                    os.kill(os.getpid(), signal.SIGINT)
+                stop_now = job.stop.requested()
+                periodic = cfg.trainer.checkpoint_every and state.global_step % cfg.trainer.checkpoint_every == 0
+                if stop_now or (periodic and state.stage_step < run.total):
+                    _save(job, sp)
+                if stop_now:
+                    raise RunStopped(f"stopped by signal after global step {state.global_step}; checkpoint written "
+                                     f"to {job.ckpt_root}; run the same command again to resume")
+                if cfg.debug.crash_after_step is not None and state.global_step >= cfg.debug.crash_after_step:
+                    os._exit(17)   # tests: die like a killed process, without any cleanup
     finally:
         progress.close()
     run.summary.seconds += time.perf_counter() - started
@@ -305,7 +321,11 @@ def finish_stage(job: Job, run: StageRun) -> StageSummary:
     if following is None or not following.carry_over.data_position:
         state.data_state = {}
     state.eval_pending = stage.index
-    _save(job, stage.sequence_parallel)
+    with job.stop.deferring():
+        _save(job, stage.sequence_parallel)
+    if job.stop.requested():
+        raise RunStopped(f"stopped after stage {stage.name}'s checkpoint ({job.ckpt_root}); running the same command "
+                         f"again evaluates the stage and goes on")
     _evaluate(job, run)
     return run.summary
 

@@ -43,7 +43,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
     out = tmp_path / "run"
     plain = ["recipe=tiny", "trainer.export=false"]                   # no periodic checkpoints
     res = run_cli(out, [*plain, "debug.interrupt_after_step=3"], check=False)
-    assert res.returncode != 0 and "stopped by signal after global step 3" in res.stderr
+    assert res.returncode == 0 and "stopped by signal after global step 3" in res.stdout
+    assert records(out, "run_end")[-1]["status"] == "stopped"
     assert (out / "checkpoints" / "latest").read_text() == "step00000003"
     run_cli(out, plain)
     whole = tmp_path / "whole"

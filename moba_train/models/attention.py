@@ -48,7 +48,7 @@ def _full(q, k, v, cu_seqlens, max_seqlen, layer: LayerAttention, softmax_scale)
 
 def _moba(q, k, v, cu_seqlens, max_seqlen, layer: LayerAttention, softmax_scale):
     return moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, block_size=layer.block_size, topk=layer.topk,
-                            softmax_scale=softmax_scale, backend=layer.backend)
+                            softmax_scale=softmax_scale, backend=layer.backend, centroids=layer.centroids)
 
 
 VARLEN_OPS: dict[str, Callable] = {"full": _full, "moba": _moba}
@@ -129,7 +129,8 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
         if window is not None and K > window:
             raise ValueError(f"the cache holds {K} tokens, more than sliding_window={window}, which moba-train does not "
                              f"implement; set config.sliding_window = None")
-        block_means = cache_block_means(module, K - S, layer.block_size) if cached_kind(layer) == "moba" else None
+        block_means = (cache_block_means(module, K - S, layer.block_size, layer.centroids)
+                       if cached_kind(layer) == "moba" else None)
         return attend_cached(query, key, value, padding, layer, scaling, block_means), None
 
     sequence_parallel = attention_context(module).sequence_parallel
@@ -212,7 +213,8 @@ def attach_plan(model: torch.nn.Module, plan: AttentionPlan) -> torch.nn.Module:
 
 
 
-def backend_choices(plan: AttentionPlan, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+def backend_choices(plan: AttentionPlan, device: torch.device, dtype: torch.dtype,
+                    head_dim: int | None = None) -> dict[str, str]:
     """Which backend each layer kind of `plan` runs on `device` in `dtype` (what `auto` resolves to), over all
     of the plan's phases: {"moba": "triton", "full": "varlen (sdpa per document when ...)"}."""
     from ..ops.full_attn import FULL_ATTN_BACKENDS, LONG_DOCUMENT
@@ -221,7 +223,7 @@ def backend_choices(plan: AttentionPlan, device: torch.device, dtype: torch.dtyp
     kinds = {plan.at(i, start).mode for start in plan.phase_starts() for i in range(plan.num_layers)}
     out = {}
     if "moba" in kinds:
-        out["moba"] = MOBA_BACKENDS.resolve(plan.config.backend, device, dtype).name
+        out["moba"] = MOBA_BACKENDS.resolve(plan.config.backend, device, dtype, head_dim).name
     if "full" in kinds:
         name = FULL_ATTN_BACKENDS.resolve(plan.config.full_backend, device, dtype).name
         if plan.config.full_backend == "auto" and name == "varlen":

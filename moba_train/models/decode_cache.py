@@ -58,8 +58,9 @@ class BlockMeans:
     `block_means`, so decoding selects the blocks that the operator selects for the same sequence.
     """
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, centroids: str = "reference"):
         self.block_size = block_size
+        self.centroids = centroids
         self.slots = 0                     # cache slots accounted for
         self.pad: list[int] = []
         self.pad_slots: torch.Tensor | None = None   # [B] int64 on the keys' device
@@ -113,7 +114,7 @@ class BlockMeans:
             hi = min(last, lo + per_chunk)
             tokens = key[row, :, start + lo * bs:start + hi * bs].transpose(0, 1)      # [n*bs, Hkv, D]
             layout = build_layout([0, (hi - lo) * bs], bs, key.device)
-            self.means[row, :, lo:hi] = block_means(tokens, layout).transpose(0, 1)
+            self.means[row, :, lo:hi] = block_means(tokens, layout, self.centroids).transpose(0, 1)
 
 
 class KVCacheStates:
@@ -164,7 +165,8 @@ def track_kv_caches(module: torch.nn.Module) -> KVCacheStates:
     return states
 
 
-def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: int) -> BlockMeans:
+def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: int,
+                      centroids: str = "reference") -> BlockMeans:
     """The block means of the cache this call decodes with (created empty on first use).
 
     The cache has already appended this call's keys; the state must account for exactly the
@@ -184,8 +186,8 @@ def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: in
                          f"({type(layer).__name__} layers); use the default cache or set decode: full")
     keys = layer.keys
     state = states.by_cache.get(cache)
-    if state is None or state.block_size != block_size or state.slots != slots_before:
-        state = BlockMeans(block_size)
+    if state is None or (state.block_size, state.centroids) != (block_size, centroids) or state.slots != slots_before:
+        state = BlockMeans(block_size, centroids)
         states.by_cache[cache] = state
     state.seen_keys = weakref.ref(keys)
     return state

@@ -47,7 +47,10 @@ def plan_from_record(record: Mapping, num_layers: int, where: str) -> AttentionP
     missing = [k for k in ("attention_plan", "progress") if k not in record]
     if missing:
         raise ValueError(f"{where}: config key {EXPORT_KEY!r} lacks {missing}; re-export the model with export_model")
-    plan = AttentionPlan.from_config(record["attention_plan"], num_layers)
+    config = dict(record["attention_plan"])
+    # Exports written before the centroids convention was a setting were routed with fp32 block means.
+    config.setdefault("centroids", "fp32")
+    plan = AttentionPlan.from_config(config, num_layers)
     plan.set_progress(record["progress"])
     return plan
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..ops.full_attn import FULL_ATTN_BACKENDS
 from ..ops.moba import BACKENDS as MOBA_BACKENDS
+from ..ops.moba import CENTROIDS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class AttentionPlanConfig:
     backend: str = "auto"          # MoBA backend (moba_train.ops.moba.BACKENDS)
     full_backend: str = "auto"     # full-attention backend (moba_train.ops.full_attn.FULL_ATTN_BACKENDS)
     decode: str = "moba"           # MoBA layers over a KV cache: moba (sparse) | full (dense, the paper's)
+    # how the gate's block means are rounded (moba_train/ops/moba/routing.py): reference (to the input dtype, as
+    # MoonshotAI's kernels do) | fp32
+    centroids: str = "reference"
     moba_layers: Any = None
     phases: list[PhaseConfig] | None = None
 
@@ -72,6 +76,7 @@ class AttentionSpec:
     backend: str
     full_backend: str
     decode: str
+    centroids: str
     phases: tuple[Phase, ...]
 
     def uses_moba(self) -> bool:
@@ -95,12 +100,14 @@ class LayerAttention:
     topk: int
     backend: str
     decode: str = "moba"
+    centroids: str = "reference"
 
     def describe(self) -> str:
         if self.mode != "moba":
             return "full"
         dense_decode = ",decode=full" if self.decode == "full" else ""
-        return f"moba(b{self.block_size},k{self.topk}{dense_decode})"
+        fp32 = ",fp32 centroids" if self.centroids == "fp32" else ""
+        return f"moba(b{self.block_size},k{self.topk}{dense_decode}{fp32})"
 
 
 def _plain(obj: Any) -> Any:
@@ -195,6 +202,10 @@ def attention_spec(cfg: Mapping | AttentionSpec, where: str = "attention plan") 
         names = ["auto", *sorted(registry)]
         if full[key] not in names:
             raise ValueError(f"{where}: {key} must be one of {names}, got {full[key]!r}")
+    if full["centroids"] not in CENTROIDS:
+        raise ValueError(f"{where}: centroids must be one of {list(CENTROIDS)} (reference: block means rounded to the "
+                         f"input dtype before the gate scores them, as MoonshotAI's kernels do; fp32: kept in fp32), "
+                         f"got {full['centroids']!r}")
     if full["decode"] not in DECODE_MODES:
         raise ValueError(f"{where}: decode must be one of {list(DECODE_MODES)} (how MoBA layers attend "
                          f"while generating over a KV cache), got {full['decode']!r}")
@@ -226,7 +237,7 @@ def attention_spec(cfg: Mapping | AttentionSpec, where: str = "attention plan") 
         raise ValueError(f"{where}: the last phase must have until: 1.0 (it has {previous}), so that the plan "
                          f"covers the whole stage")
     return AttentionSpec(full["block_size"], full["topk"], full["backend"], full["full_backend"], full["decode"],
-                         tuple(phases))
+                         full["centroids"], tuple(phases))
 
 
 def validate_config(cfg: Mapping | AttentionSpec, num_layers: int,
@@ -271,8 +282,8 @@ class AttentionPlan:
     def _resolve(self, p: float) -> tuple[LayerAttention, ...]:
         moba = self._phase(p)
         c = self.config
-        return tuple(LayerAttention("moba", c.block_size, c.topk, c.backend, c.decode) if i in moba
-                     else LayerAttention("full", c.block_size, c.topk, c.full_backend, c.decode)
+        return tuple(LayerAttention("moba", c.block_size, c.topk, c.backend, c.decode, c.centroids) if i in moba
+                     else LayerAttention("full", c.block_size, c.topk, c.full_backend, c.decode, c.centroids)
                      for i in range(self.num_layers))
 
     def phase_starts(self) -> list[float]:

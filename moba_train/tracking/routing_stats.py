@@ -68,7 +68,7 @@ class ProbedPlan:
 
 def _probed_moba(q, k, v, cu_seqlens, max_seqlen, layer: ProbedLayer, softmax_scale):
     layer.collector.observe(layer.layer_idx, q, k, cu_seqlens, layer.block_size, layer.topk,
-                            softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+                            softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5, layer.centroids)
     return VARLEN_OPS["moba"](q, k, v, cu_seqlens, max_seqlen, layer.plain(), softmax_scale)
 
 
@@ -97,12 +97,13 @@ class RoutingCollector:
         self.queries = 0
 
     @torch.no_grad()
-    def observe(self, layer_idx: int, q, k, cu_seqlens, block_size: int, topk: int, scale: float) -> None:
+    def observe(self, layer_idx: int, q, k, cu_seqlens, block_size: int, topk: int, scale: float,
+                centroids: str = "reference") -> None:
         if layer_idx in self.seen:          # the recompute of a checkpointed layer
             return
         self.seen.add(layer_idx)
         layout = build_layout(cu_seqlens.tolist(), block_size, q.device)
-        selected = select_blocks(q, k, layout, topk)                       # [T, Hq, topk-1], -1 = none
+        selected = select_blocks(q, k, layout, topk, centroids)            # [T, Hq, topk-1], -1 = none
         own = layout.token_block
         chosen = selected >= 0
         distance = (own[:, None, None] - selected)[chosen]

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moba_train.config import RunConfig, Stage
+from moba_train.errors import UserError
 from moba_train.distributed.groups import layout
 from moba_train.distributed.ulysses import apply_sequence_parallel, shard_batch
 from moba_train.eval.stage_end import StageEvaluation, evaluate_stage_end
@@ -138,6 +139,7 @@ def _train(cfg: RunConfig, stop: StopRequest) -> RunResult:
     engine = build_engine(PackedCausalLM(lm, cfg.trainer.loss_chunk_tokens), cfg, cfg.stages[current],
                           load_universal=universal)
     if resume_from:
+        _check_conventions(cfg, state, resume_from)
         checkpoint.load(engine, resume_from, universal)
         if rank == 0:
             print(f"resumed from {resume_from}: stage {state.stage_index}, stage step {state.stage_step}, "
@@ -180,6 +182,19 @@ def _finished(cfg: RunConfig, state: checkpoint_files.TrainState) -> bool:
     """Every stage trained and evaluated, and the export (if asked for) written."""
     done = state.stage_index >= len(cfg.stages) and state.eval_pending is None
     return done and (not cfg.trainer.export or (export_dir(cfg) / "config.json").is_file())
+
+
+def _check_conventions(cfg: RunConfig, state: checkpoint_files.TrainState, ckpt: Path) -> None:
+    """A resumed stage must route as it did before the checkpoint: the same centroids convention."""
+    trained = cfg.stages[:state.stage_index + (1 if state.stage_step else 0)]
+    recorded = state.centroids if state.centroids is not None else {s.name: "fp32" for s in trained}
+    for stage in trained:
+        was = recorded.get(stage.name)
+        if was is not None and was != stage.attention.centroids:
+            raise UserError(f"checkpoint {ckpt} trained {stage.where} with attention centroids={was!r}, the recipe now "
+                            f"says {stage.attention.centroids!r} (checkpoints written before the setting existed used "
+                            f"'fp32'); set attention.centroids={was} to continue the run as it was trained, or "
+                            f"trainer.resume=never to start over")
 
 
 def _resume_source(cfg: RunConfig, ckpt_root: Path) -> Path | None:
@@ -238,7 +253,7 @@ def enter_stage(job: Job, stage: Stage) -> StageRun:
     stream = build_stream(cfg, stage, job.tokenizer, lay.dp_rank, lay.dp,
                           resume_state=None if fresh else state.data_state,
                           previous_stage_state=state.data_state if carried else None)
-    backends = backend_choices(plan, job.engine.device, model_dtype(cfg))
+    backends = backend_choices(plan, job.engine.device, model_dtype(cfg), _head_dim(job.lm))
     log.info("stage %s backends: %s", stage.name, ", ".join(f"{k}={v}" for k, v in backends.items()))
     if job.rank == 0:
         print(_transition_message(stage, plan, backends), flush=True)
@@ -354,12 +369,17 @@ def _evaluate_pending(job: Job, stage: Stage) -> StageSummary:
     stream = build_stream(job.cfg, stage, job.tokenizer, lay.dp_rank, lay.dp)
     if job.rank == 0:
         print(f"stage {stage.index} '{stage.name}' was trained and checkpointed; finishing its evaluation", flush=True)
-    backends = backend_choices(plan, job.engine.device, model_dtype(job.cfg))
+    backends = backend_choices(plan, job.engine.device, model_dtype(job.cfg), _head_dim(job.lm))
     schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
     run = StageRun(stage, plan, stream, 0, job.tracker.stage_summary(stage, schedule, backends), lay.dp_rank, lay.dp,
                    lay.sp_rank)
     _evaluate(job, run)
     return run.summary
+
+
+def _head_dim(lm) -> int:
+    c = lm.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 def run_stage(job: Job, stage: Stage) -> StageSummary:
@@ -370,6 +390,8 @@ def run_stage(job: Job, stage: Stage) -> StageSummary:
 
 def _save(job: Job, sp: int) -> None:
     job.state.world = {"world": job.world, "sp": sp}
+    trained = job.cfg.stages[:min(job.state.stage_index + 1, len(job.cfg.stages))]
+    job.state.centroids = {s.name: s.attention.centroids for s in trained}
     checkpoint.save(job.engine, job.ckpt_root, job.state, job.cfg.trainer.keep_checkpoints)
 
 

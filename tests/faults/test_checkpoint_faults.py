@@ -61,3 +61,26 @@ def test_a_checkpoint_of_another_model_shape_gets_one_line(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"moba-train: checkpoint {out / CKPT.format(1)} does not match the recipe's model")
     assert "trainer.resume=never" in last
+
+
+@pytest.mark.timeout(600)
+def test_a_resume_keeps_the_routing_convention_the_checkpoint_was_trained_with(tmp_path):
+    """A checkpoint records each stage's centroids convention; resuming with another one is refused with the fix
+    (a checkpoint from before the setting existed counts as fp32), resuming with the same one goes on."""
+    import json
+
+    out = tmp_path / "run"
+    run_cli(out, [*TINY, "attention.centroids=fp32", "debug.crash_after_step=3"], check=False)
+    res = run_cli(out, TINY, check=False)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "trained stages[0] (short) with attention centroids='fp32'" in last
+    assert "set attention.centroids=fp32" in last
+    state_file = out / CKPT.format(3) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["centroids"] == {"short": "fp32", "long": "fp32"}
+    del state["centroids"]                                    # as written before the convention was recorded
+    state_file.write_text(json.dumps(state))
+    res = run_cli(out, TINY, check=False)
+    assert res.returncode == 1 and "written before the setting existed used 'fp32'" in res.stderr
+    run_cli(out, [*TINY, "attention.centroids=fp32"])
+    assert len(records(out)) == 5

@@ -159,9 +159,9 @@ def test_block_means_are_computed_once_per_block_not_per_step(monkeypatch):
     """Decoding reads each cached key once for the gate (when its block completes), not at every step."""
     reduced = []
 
-    def counting_block_means(k, layout):
+    def counting_block_means(k, layout, centroids="reference"):
         reduced.append(k.shape[0])
-        return block_means(k, layout)
+        return block_means(k, layout, centroids)
 
     monkeypatch.setattr(decode_cache, "block_means", counting_block_means)
     model = with_plan(stock_model("llama"), MOBA)

@@ -2,7 +2,8 @@
 their reference implementation (`moba_attn_varlen_naive`, MoonshotAI/MoBA), independently of moba-train's
 operator, for the peer tests (tests/ops/test_moba_moonshot.py).
 
-What their reference does, per document and head (they have no GQA: KV heads are repeated here):
+What their reference does, per document and head (they have no GQA: here KV heads are repeated, in fp32 so
+that the gradients of a group's heads add up without bf16 rounding, as a grouped kernel adds them):
   1. cut the keys into blocks of `chunk` tokens, the last one shorter; a block's gate key is the mean of its
      keys *in the input dtype* (torch.mean on bf16 keys gives a bf16 mean: the centroid is rounded);
   2. score every (query, block) pair as q . centroid in fp32;
@@ -27,11 +28,12 @@ def moonshot_moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     for start, end in zip(cu_seqlens, cu_seqlens[1:]):
         L = end - start
         qd = q[start:end]
-        kd = k[start:end].repeat_interleave(group, dim=1)
-        vd = v[start:end].repeat_interleave(group, dim=1)
+        kd = k[start:end].float().repeat_interleave(group, dim=1)
+        vd = v[start:end].float().repeat_interleave(group, dim=1)
         n_blocks = math.ceil(L / chunk)
         with torch.no_grad():
-            centroids = torch.stack([kd[b * chunk:(b + 1) * chunk].mean(dim=0) for b in range(n_blocks)])  # input dtype
+            keys = k[start:end].detach().repeat_interleave(group, dim=1)                                 # input dtype
+            centroids = torch.stack([keys[b * chunk:(b + 1) * chunk].mean(dim=0) for b in range(n_blocks)])
             gate = torch.einsum("shd,nhd->hsn", qd.float(), centroids.float())                               # fp32
             token_block = torch.arange(L, device=q.device) // chunk
             blocks = torch.arange(n_blocks, device=q.device)
@@ -42,9 +44,9 @@ def moonshot_moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             keep &= blocks[None, None, :] <= token_block[None, :, None]
             allowed = keep.gather(-1, token_block[None, None, :].expand(keep.shape[0], L, L))                # [H, S, S]
             allowed &= torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        scores = torch.einsum("xhd,yhd->hxy", qd.float(), kd.float()) * scale
+        scores = torch.einsum("xhd,yhd->hxy", qd.float(), kd) * scale
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        outs.append(torch.einsum("hxy,yhd->xhd", probs, vd.float()).to(q.dtype))
+        outs.append(torch.einsum("hxy,yhd->xhd", probs, vd).to(q.dtype))
     return torch.cat(outs)
 
 

@@ -15,6 +15,8 @@ from moba_train.ops.moba import lean
 from moba_train.ops.moba.registry import resolve
 from tests.moba_reference import moba_reference
 
+pytestmark = pytest.mark.usefixtures("nan_poisoned_allocations")   # tests/ops/conftest.py
+
 FAST_BACKENDS = [name for name, b in BACKENDS.items() if name != "naive" and "cpu" in b.devices and b.missing() is None]
 
 # Tolerances against the naive oracle (both accumulate in fp32; bf16 adds one rounding of the result).
@@ -258,3 +260,9 @@ def test_boundaries_are_read_once_per_tensor_and_an_in_place_change_is_seen():
                              backend="lean")
     assert cu._moba_host_cu[1] == [0, 25, 40]
     torch.testing.assert_close(moved, fresh, atol=0, rtol=0)
+
+
+def test_allocations_are_poisoned_in_these_tests():
+    """The fixture is on (tests/ops/conftest.py): a fresh torch.empty is NaN, a fresh index the largest int."""
+    assert torch.isnan(torch.empty(4)).all() and torch.isnan(torch.empty_like(torch.zeros(2))).all()
+    assert (torch.empty(3, dtype=torch.int64) == torch.iinfo(torch.int64).max).all()

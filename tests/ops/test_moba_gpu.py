@@ -212,3 +212,33 @@ def test_triton_with_its_own_gate_matches_naive_on_separated_gates():
     got = _run(lambda q, k, v: moba_attn_varlen(q, k, v, cu, 700, block_size=16, topk=4, backend="triton"), q, k, v, dout)
     want = _run(lambda q, k, v: moba_attn_varlen(q, k, v, cu, 700, block_size=16, topk=4, backend="naive"), q, k, v, dout)
     _assert_matches(got, want, torch.float32)
+
+
+# Every common head size (Gemma's 256 included), with tiles chosen per head dim, and GQA groups 1 to 8.
+HEAD_DIMS = {"d64-gqa1": (64, (4, 4)), "d80-gqa2": (80, (4, 2)), "d96-gqa3": (96, (6, 2)),
+             "d128-gqa4": (128, (8, 2)), "d128-gqa7": (128, (7, 1)), "d192-gqa8": (192, (8, 1)),
+             "d256-gqa4": (256, (8, 2)), "d256-gqa1": (256, (2, 2))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("head_dim,heads", HEAD_DIMS.values(), ids=HEAD_DIMS.keys())
+def test_triton_runs_every_common_head_dim(head_dim, heads, dtype):
+    pack, topk = Pack((700, 1300, 45), 128), 3
+    g = torch.Generator(device="cuda").manual_seed(3)
+    T, (hq, hkv) = pack.tokens, heads
+    q, k, v = (torch.randn(T, h, head_dim, device="cuda", generator=g).to(dtype).requires_grad_()
+               for h in (hq, hkv, hkv))
+    dout = torch.randn(T, hq, head_dim, device="cuda", generator=g).to(dtype)
+    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
+    got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
+    _assert_matches(got, want, dtype)
+    assert triton_backend.tiles_for(head_dim) == triton_backend.TILES_BY_BLOCK_D[128 if head_dim <= 128 else 256]
+
+
+def test_auto_never_picks_a_backend_that_cannot_run_the_head_dim():
+    from moba_train.ops.moba import BACKENDS
+
+    assert BACKENDS.resolve("auto", torch.device("cuda"), torch.bfloat16, head_dim=256).name == "triton"
+    assert BACKENDS.resolve("auto", torch.device("cuda"), torch.bfloat16, head_dim=512).name != "triton"
+    with pytest.raises(RuntimeError, match="takes head_dim <= 256, not 512"):
+        BACKENDS.resolve("triton", torch.device("cuda"), torch.bfloat16, head_dim=512)

@@ -207,8 +207,9 @@ class _FlashMoBA(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def moba_flash(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float) -> torch.Tensor:
-    selected = select_blocks(q, k, layout, topk)
+def moba_flash(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float,
+               centroids: str = "reference") -> torch.Tensor:
+    selected = select_blocks(q, k, layout, topk, centroids)
     plan = _make_plan(selected, layout, q.shape[1], k.shape[1])
     D = q.shape[-1]
     # flash-attn 2.7+ wants head_dim % 8 == 0 (its Python wrappers pad, the internals do not);

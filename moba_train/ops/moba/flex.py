@@ -108,8 +108,9 @@ def build_block_mask(sel: torch.Tensor, layout: BlockLayout):
                                     seq_lengths=(T, T))
 
 
-def moba_flex(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float, compiled: bool = True) -> torch.Tensor:
-    sel = select_blocks(q, k, layout, topk)
+def moba_flex(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float, centroids: str = "reference",
+              compiled: bool = True) -> torch.Tensor:
+    sel = select_blocks(q, k, layout, topk, centroids)
     block_mask = build_block_mask(sel, layout)
     attend = _compiled_flex() if compiled else __import__(
         "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention

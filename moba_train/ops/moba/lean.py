@@ -201,7 +201,8 @@ class _LeanMoBA(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def moba_lean(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float) -> torch.Tensor:
-    selected = select_blocks(q, k, layout, topk)
+def moba_lean(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float,
+              centroids: str = "reference") -> torch.Tensor:
+    selected = select_blocks(q, k, layout, topk, centroids)
     plan = _make_plan(q, k, layout, selected, softmax_scale)
     return _LeanMoBA.apply(q, k, v, plan)

@@ -12,11 +12,12 @@ from .layout import BlockLayout, compute_dtype
 from .routing import select_blocks
 
 
-def moba_naive(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float) -> torch.Tensor:
+def moba_naive(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float,
+               centroids: str = "reference") -> torch.Tensor:
     T, Hq, D = q.shape
     group = Hq // k.shape[1]
     cdt = compute_dtype(q.dtype)
-    selected = select_blocks(q, k, layout, topk)        # [T, Hq, topk-1] global block ids
+    selected = select_blocks(q, k, layout, topk, centroids)     # [T, Hq, topk-1] global block ids
     # Upcast once, so gradients from all heads and documents also accumulate in fp32.
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     out = []

@@ -20,6 +20,10 @@ class Backend:
     missing: Callable[[], str | None] = lambda: None  # why it cannot run in this install, with the fix
     summary: str = ""
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    max_head_dim: int | None = None     # the largest head_dim its kernels take (None: any)
+
+    def takes_head_dim(self, head_dim: int | None) -> bool:
+        return head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
 
 
 class BackendRegistry(dict):
@@ -33,13 +37,16 @@ class BackendRegistry(dict):
     def register(self, backend: Backend) -> None:
         self[backend.name] = backend
 
-    def resolve(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    def resolve(self, name: str, device: torch.device, dtype: torch.dtype | None = None,
+                head_dim: int | None = None) -> Backend:
+        """The backend `name` names, or under "auto" the fastest that can run this device, dtype and head_dim."""
         if name == "auto":
             usable = [b for b in self.values()
                       if b.auto_rank is not None and device.type in b.devices and b.missing() is None
-                      and (dtype is None or dtype in b.dtypes)]
+                      and (dtype is None or dtype in b.dtypes) and b.takes_head_dim(head_dim)]
             if not usable:
-                raise RuntimeError(f"no {self.kind} backend can run on {device} with {dtype}; registered: {sorted(self)}")
+                raise RuntimeError(f"no {self.kind} backend can run on {device} with {dtype} and head_dim {head_dim}; "
+                                   f"registered: {sorted(self)}")
             best = max(usable, key=lambda b: b.auto_rank)
             self.log.debug("%s backend=auto picked %r on %s", self.kind, best.name, device)
             return best
@@ -52,6 +59,10 @@ class BackendRegistry(dict):
         if device.type not in backend.devices:
             raise RuntimeError(f"{self.kind} backend {name!r} runs on {'/'.join(backend.devices)}, not {device.type}; "
                                f"move the tensors or use backend='auto'")
+        if not backend.takes_head_dim(head_dim):
+            others = sorted(b.name for b in self.values() if b.takes_head_dim(head_dim) and device.type in b.devices)
+            raise RuntimeError(f"{self.kind} backend {name!r} takes head_dim <= {backend.max_head_dim}, not {head_dim}; "
+                               f"use one of {others} or backend='auto'")
         if dtype is not None and dtype not in backend.dtypes:
             others = sorted(b.name for b in self.values() if dtype in b.dtypes and device.type in b.devices)
             raise RuntimeError(f"{self.kind} backend {name!r} takes {[str(d) for d in backend.dtypes]}, not {dtype}; "

@@ -3,6 +3,14 @@
 Shared by the PyTorch backends so that they select identical blocks: top-k routing is
 discontinuous, and two implementations that round the scores differently would disagree on
 near-ties and then on everything downstream. The gate carries no gradient (as in the paper).
+
+How precise the block means (the centroids) are is a convention of the operator, `centroids`:
+  "reference"  MoonshotAI's (moba_naive and their efficient kernel): each block's mean key is rounded to
+               the input dtype (bf16/fp16) before it is scored against the query in fp32. The default, so a
+               model trained with MoonshotAI's kernels is routed here as it was there.
+  "fp32"       the mean is kept in fp32 (moba-train's behaviour before the choice existed; exports written
+               then record no convention and load as "fp32").
+Both are summed in fp32; for fp32 (and fp64) inputs the two are the same.
 """
 
 from __future__ import annotations
@@ -15,18 +23,34 @@ from .layout import BlockLayout
 
 # Scores are computed for a chunk of queries at a time: at most this many fp32 elements.
 ROUTING_CHUNK_ELEMENTS = 1 << 23
+CENTROIDS = ("reference", "fp32")
 
 
-def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """[NB, Hkv, D] fp32 mean of each block's real keys (a short last block averages what it has)."""
+def check_centroids(centroids: str) -> None:
+    if centroids not in CENTROIDS:
+        raise ValueError(f"centroids must be one of {list(CENTROIDS)} (how block means are rounded before the gate "
+                         f"scores them), got {centroids!r}")
+
+
+def round_centroids(means: torch.Tensor, dtype: torch.dtype, centroids: str) -> torch.Tensor:
+    """fp32 block means as the convention scores them: rounded to the keys' dtype ("reference") or not."""
+    if centroids == "reference" and dtype in (torch.float16, torch.bfloat16):
+        return means.to(dtype).float()
+    return means
+
+
+def block_means(k: torch.Tensor, layout: BlockLayout, centroids: str = "reference") -> torch.Tensor:
+    """[NB, Hkv, D] mean of each block's real keys (a short last block averages what it has), summed in fp32,
+    returned in fp32 and rounded as `centroids` says."""
     nb = layout.num_blocks
     sums = torch.zeros(nb, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
     sums.index_add_(0, layout.token_block, k.detach().float())
-    return sums / layout.block_len.to(torch.float32)[:, None, None]
+    return round_centroids(sums / layout.block_len.to(torch.float32)[:, None, None], k.dtype, centroids)
 
 
 @torch.no_grad()
-def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
+                  centroids: str = "reference") -> torch.Tensor:
     """Global ids of the blocks each query attends besides its own: [T, Hq, topk-1] int64, -1 = none.
 
     Candidates of a query in block i of a document are the blocks j < i of that document. The best
@@ -38,7 +62,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     selected = torch.full((T, Hq, n_extra), -1, dtype=torch.int64, device=q.device)
     if n_extra == 0 or layout.num_blocks == 0:
         return selected
-    means = block_means(k, layout)                      # [NB, Hkv, D]
+    means = block_means(k, layout, centroids)           # [NB, Hkv, D]
     group = Hq // Hkv
     cu, firsts, bs = layout.cu_seqlens, layout.doc_first_block, layout.block_size
 

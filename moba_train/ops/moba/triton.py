@@ -64,8 +64,25 @@ class TileConfig:
     dkv_stages: int = 2
 
 
-# Tests swap this for small tiles (so loops take several steps on tiny inputs).
-CONFIG = TileConfig()
+# Tiles by head dim (BLOCK_D = the next power of two >= head_dim; 80, 96 and 192 run padded, masked to head_dim).
+# The 128-row tiles of BLOCK_D <= 128 ask for up to 256 KiB of shared memory at BLOCK_D 256, past the H100/H200's
+# 227 KiB: there rows and keys per step are halved and the pipelines take two stages (benchmarks/triton_tiles.py:
+# 148 ms fwd+bwd at head_dim 256, 32K tokens, 32/8 heads, block 512, top-8 on the H200; 170 ms with one-stage dq/dk/dv).
+TILES_BY_BLOCK_D = {
+    128: TileConfig(),
+    256: TileConfig(route_m=32, route_n=32, pair_m=64, fwd_n=32, own_m=64, fwd_warps=8, fwd_stages=2,
+                    dq_n=32, dq_warps=8, dq_stages=2, dkv_m=32, dkv_n=64, dkv_warps=8, dkv_stages=2),
+}
+
+
+def tiles_for(head_dim: int) -> TileConfig:
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    return TILES_BY_BLOCK_D[128 if block_d <= 128 else 256]
+
+
+# Tests and benchmarks set this to force one TileConfig (small tiles make loops take several steps on tiny
+# inputs); None: tiles_for(head_dim).
+CONFIG: TileConfig | None = None
 
 
 @dataclass
@@ -139,9 +156,9 @@ def _group_pairs(sel: torch.Tensor, hq: int, hkv: int, nb: int, pair_m: int):
 
 
 def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: torch.Tensor | None = None,
-              config: TileConfig | None = None) -> _Plan:
+              config: TileConfig | None = None, centroids: str = "reference") -> _Plan:
     """Route (or take a given selection [T, Hq, >= n_select], -1 only at the tail) and group the pairs."""
-    config = config or CONFIG
+    config = config or CONFIG or tiles_for(q.shape[-1])
     T, Hq, _ = q.shape
     Hkv = k.shape[1]
     NB = layout.num_blocks
@@ -153,7 +170,7 @@ def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: t
     if sel is None:
         block_doc_first = layout.token_doc_first_block[layout.block_start].to(torch.int32)
         sel = routing.select_blocks(q.detach(), k.detach(), block_start, block_len, block_doc_first,
-                                    layout.block_size, n_select, config.route_m, config.route_n)
+                                    layout.block_size, n_select, config.route_m, config.route_n, centroids)
     else:
         sel = sel[..., :n_select].to(torch.int32).contiguous()
     if n_select > 0:
@@ -263,13 +280,13 @@ class _TritonMoBA(torch.autograd.Function):
         return (*backward(q, k, v, out, lse, dout, ctx.plan), None)
 
 
-def moba_triton(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float,
+def moba_triton(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float, centroids: str = "reference",
                 selected: torch.Tensor | None = None) -> torch.Tensor:
     """The operator on Triton kernels. `selected` (tests only) replaces the gate by a given selection."""
     _check(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = make_plan(q, k, layout, topk, softmax_scale, sel=selected)
+    plan = make_plan(q, k, layout, topk, softmax_scale, sel=selected, centroids=centroids)
     return _TritonMoBA.apply(q, k, v, plan)
 
 
-__all__ = ["moba_triton", "missing", "make_plan", "TileConfig", "CONFIG"]
+__all__ = ["moba_triton", "missing", "make_plan", "TileConfig", "CONFIG", "tiles_for"]

@@ -4,7 +4,8 @@ One program scores a tile of queries (consecutive tokens of one block, one query
 candidate blocks of their document in chunks, and keeps a running top-(topk-1) per query in
 registers. Memory is the inputs, the [NB, Hkv, D] means and the [T, Hq, n_select] result.
 
-Scores are q . mean(K_block) in fp32 like `routing.select_blocks`: "tf32x3" splits each fp32
+Means are summed in fp32 and rounded by the `centroids` convention of routing.py (to the input dtype
+for "reference"). Scores are q . mean(K_block) in fp32 like `routing.select_blocks`: "tf32x3" splits each fp32
 operand into three tf32 products on the tensor cores, about as exact as fp32 FMA and several
 times faster. The two still sum in different orders, so they may disagree on near-ties (see routing.py).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .routing import round_centroids
 
 SCORE_PRECISION = "tf32x3"
 
@@ -92,19 +95,20 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
             tl.store(out_ptrs, best_id, mask=out_mask)
 
 
-def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor) -> torch.Tensor:
-    """[NB, Hkv, D] fp32 mean of each block's keys."""
+def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
+                centroids: str = "reference") -> torch.Tensor:
+    """[NB, Hkv, D] mean of each block's keys, in fp32, rounded as `centroids` says (routing.round_centroids)."""
     NB, (T, Hkv, D) = block_start.numel(), k.shape
     means = torch.empty(NB, Hkv, D, dtype=torch.float32, device=k.device)
     if NB:
         _block_means_kernel[(NB, Hkv)](k, means, block_start, block_len, k.stride(0), k.stride(1), D,
                                        BLOCK_T=64, BLOCK_D=triton.next_power_of_2(max(D, 16)))
-    return means
+    return round_centroids(means, k.dtype, centroids)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
                   block_doc_first: torch.Tensor, block_size: int, n_select: int,
-                  block_m: int = 64, block_n: int = 32) -> torch.Tensor:
+                  block_m: int = 64, block_n: int = 32, centroids: str = "reference") -> torch.Tensor:
     """[T, Hq, n_select] int32 ids of the blocks each query attends besides its own, best first
     until the list is full; -1 only at the tail, when the document has fewer earlier blocks."""
     T, Hq, D = q.shape
@@ -113,7 +117,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, b
     NB = block_start.numel()
     if n_select == 0 or NB == 0:
         return sel
-    means = block_means(k, block_start, block_len)
+    means = block_means(k, block_start, block_len, centroids)
     block_m = min(block_m, max(16, triton.next_power_of_2(block_size)))
     chunks = -(-block_size // block_m)
     _select_blocks_kernel[(NB * chunks, Hq)](

@@ -5,14 +5,22 @@ terminate() takes that lock, so tearing a pool down could hang for good (seen af
 sources). Here every worker has its own pipe: nothing is shared, a worker is stopped by a sentinel on
 success and killed on error or Ctrl-C, and teardown never waits on a lock. Workers ignore SIGINT, so a
 Ctrl-C reaches only the parent, which tears them down.
+
+A worker sends its results from a thread of its own, so it keeps reading tasks while a result waits for
+the parent: with tasks and results larger than a pipe's buffer and several in flight, the parent sending a
+task to a worker that was itself blocked sending a result deadlocked both (seen with real source files).
+Each forked worker closes the parent's ends of every pipe it inherited, so a parent that dies (kill -9)
+leaves its workers at EOF rather than orphaned forever.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
 import sys
+import threading
 import traceback
 from collections import deque
 from typing import Any, Callable
@@ -20,25 +28,40 @@ from typing import Any, Callable
 _STOP = None
 
 
-def _serve(conn, initializer: Callable | None, initargs: tuple) -> None:
+def _serve(conn, initializer: Callable | None, initargs: tuple, inherited: list) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)            # the parent handles Ctrl-C and tears the pool down
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for parent_end in inherited:                            # a fork copies the parent's ends: drop them
+        parent_end.close()
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_results, args=(conn, outbox), daemon=True)
+    sender.start()
     try:
         if initializer is not None:
             initializer(*initargs)
         while True:
             task = conn.recv()
             if task is _STOP:
-                return
+                break
             fn, args = task
             try:
-                conn.send((True, fn(*args)))
+                outbox.put((True, fn(*args)))
             except Exception as e:                          # noqa: BLE001 - sent to the parent, which raises it
-                conn.send((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                outbox.put((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
     finally:
+        outbox.put(_STOP)
+        sender.join()
         conn.close()
+
+
+def _send_results(conn, outbox: queue.SimpleQueue) -> None:
+    while (result := outbox.get()) is not _STOP:
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):                  # the parent is gone: nobody to tell
+            return
 
 
 class WorkerError(RuntimeError):
@@ -56,7 +79,8 @@ class WorkerPool:
         self._workers = []
         for _ in range(processes):
             parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_serve, args=(child, initializer, initargs), daemon=True)
+            inherited = [parent, *(c for _, c in self._workers)] if method == "fork" else []
+            proc = ctx.Process(target=_serve, args=(child, initializer, initargs, inherited), daemon=True)
             proc.start()
             child.close()
             self._workers.append((proc, parent))

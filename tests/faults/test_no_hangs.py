@@ -105,3 +105,60 @@ def test_ctrl_c_during_tokenization_leaves_no_worker_and_no_cache_entry(lee_bpe,
     assert not live_children()
     done = [p for p in (tmp_path / "cache").rglob("meta.json")]
     assert not done                                   # an interrupted source is not taken for a tokenized one
+
+
+
+def _echo(payload):
+    return payload
+
+
+@pytest.mark.timeout(60)
+def test_large_tasks_and_results_in_flight_never_deadlock_the_pipes():
+    """Tasks and results larger than a pipe's buffer, several in flight per worker (as the tokenizer keeps
+    them): the parent sending a task must never wait on a worker that waits to send its result back
+    (quality_code's real source files hung this way)."""
+    payloads = [bytes([i]) * (1 << 20) for i in range(12)]
+    received = []
+    with WorkerPool(2) as pool:
+        handles = [pool.submit(_echo, p) for p in payloads[:4]]
+        for p in payloads[4:]:
+            handles.append(pool.submit(_echo, p))
+            received.append(pool.result(handles.pop(0)))
+        received += [pool.result(h) for h in handles]
+    assert received == payloads
+    assert not live_children()
+
+
+@pytest.mark.timeout(60)
+def test_workers_of_a_killed_parent_exit_instead_of_lingering(tmp_path):
+    """kill -9 of the parent (a cluster's OOM killer, a test's timeout) must not leave workers behind: each
+    sees EOF on its pipe, which works only if no sibling holds a copy of the parent's end."""
+    import subprocess
+    import sys
+
+    script = ("import time\n"
+              "from moba_train.data.worker_pool import WorkerPool\n"
+              "pool = WorkerPool(3)\n"
+              "print(' '.join(str(p.pid) for p, _ in pool._workers), flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 3
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    lingering = [p for p in pids if _alive(p)]
+    for p in lingering:
+        os.kill(p, signal.SIGKILL)
+    assert not lingering, f"workers {lingering} outlived their killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

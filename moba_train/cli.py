@@ -6,6 +6,7 @@ Works the same started by hand, by `torchrun`, or by `deepspeed --module moba_tr
 Besides training, two modes, chosen by key=value arguments that are taken out before Hydra (they
 say what to do with the config, they are not part of it):
   mode=eval checkpoint=PATH                    evaluations of an HF export or a training checkpoint
+                                               (checkpoint=base: the recipe's untrained model)
   dry_run=true nodes=N gpus_per_node=G         check a cluster recipe on this machine (no GPU, no weights);
       [dry_run_model=NAME] [gpu_memory_gib=80]  exits 1 when a rule fails or a stage does not fit
 """

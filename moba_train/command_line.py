@@ -16,6 +16,7 @@ moba-train: long-context continual pretraining with MoBA (docs/training.md)
 
   moba-train [recipe=NAME|recipe=path/to/recipe.yaml] [key=value ...]    train (default recipe: demo)
   moba-train mode=eval checkpoint=PATH [recipe=NAME]      loss by position and passkey of an export or checkpoint
+  moba-train mode=eval checkpoint=base [recipe=NAME]      ... of the recipe's model before training (a baseline)
   moba-train recipe=NAME dry_run=true nodes=N gpus_per_node=G [gpu_memory_gib=80] [dry_run_model=NAME]
                                                           check a cluster launch here: groups, rules, memory
   moba-train recipe=NAME debug=smoke                      the recipe's logic on a tiny model, one step a stage (CPU)

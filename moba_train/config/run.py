@@ -61,6 +61,9 @@ class StageConfig:
     sequence_parallel: int | None = None       # None: `parallel.sequence_parallel`
     carry_over: CarryOver = field(default_factory=CarryOver)
     eval: bool = True                          # validation loss (by position) and passkey at the stage's end
+    # Fractions of the stage's steps after which it is also evaluated as at its end (0: before its first step,
+    # the untrained baseline), e.g. [0, 0.1, 0.25, 0.5]; each writes a checkpoint first.
+    eval_at: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -137,7 +140,14 @@ class PasskeyConfig:
     max_length: int = 131072            # longer haystacks are skipped (generation holds the whole KV cache on one GPU)
     max_length_cpu: int = 1024          # the same cap on CPU, where a prefill runs at a few hundred tokens/s
     seed: int = 0
-    haystack: str = "lee"               # filler style: lee (English news) | python (stdlib code, for code models)
+    # filler style: lee (English news) | python (stdlib code, for code models) | a list of both: every length and
+    # depth is tried in each. (Typed Any: OmegaConf cannot type a field that is a string or a list.)
+    haystack: Any = "lee"
+
+    @property
+    def haystacks(self) -> tuple[str, ...]:
+        """The haystack styles to try, in order (`haystack` as a name or a list)."""
+        return (self.haystack,) if isinstance(self.haystack, str) else tuple(self.haystack)
 
 
 @dataclass
@@ -267,8 +277,10 @@ def check_eval(cfg: RunSchema) -> None:
                           f"got {pk.depths}")
     if pk.lengths is not None and any(n < 64 for n in pk.lengths):
         raise ConfigError(f"eval.passkey.lengths must be token counts >= 64, got {pk.lengths}")
-    if pk.haystack not in STYLES:
-        raise ConfigError(f"eval.passkey.haystack must be one of {sorted(STYLES)}, got {pk.haystack!r}")
+    styles = pk.haystack if isinstance(pk.haystack, (list, tuple)) else [pk.haystack]
+    if not styles or any(style not in STYLES for style in styles) or len(set(styles)) != len(styles):
+        raise ConfigError(f"eval.passkey.haystack must be one of {sorted(STYLES)} or a list of them without repeats, "
+                          f"got {pk.haystack!r}")
     if pk.samples < 1 or cfg.eval.position_buckets < 1 or cfg.eval.tail_tokens < 1:
         raise ConfigError("eval.passkey.samples, eval.position_buckets and eval.tail_tokens must be >= 1")
     if cfg.logger.routing_stats_every < 0 or cfg.logger.routing_stats_queries < 1:

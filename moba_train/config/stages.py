@@ -69,6 +69,7 @@ class Stage:
     sequence_parallel: int
     carry_over: CarryOver
     eval: bool
+    eval_at: tuple[float, ...]      # part-way evaluations, fractions of the stage's steps (0: before the first)
     data_seed: int
 
     @property
@@ -80,6 +81,10 @@ class Stage:
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(self.tokens / (self.seq_len * self.micro_batch_size * self.grad_accum * dp)))
+
+    def part_way_eval_steps(self, total: int) -> tuple[int, ...]:
+        """The stage steps (of `total`) after which the stage is evaluated part-way; its end is not among them."""
+        return tuple(sorted({round(f * total) for f in self.eval_at} - {total}))
 
     def describe(self) -> dict:
         """Plain types, for records (stage_start, wandb config) and the snapshot test."""
@@ -134,6 +139,12 @@ def _check(stage: StageConfig, index: int, previous: StageConfig | None, where: 
                           f"{stage.rope.scaling!r}")
     if stage.rope.theta is not None and stage.rope.theta <= 0:
         raise ConfigError(f"{where}: rope.theta must be positive, got {stage.rope.theta}")
+    if any(not 0.0 <= f < 1.0 for f in stage.eval_at) or len(set(stage.eval_at)) != len(stage.eval_at):
+        raise ConfigError(f"{where}: eval_at must be distinct fractions of the stage's steps in [0, 1) (0: before "
+                          f"its first step; the end is always evaluated), got {list(stage.eval_at)}")
+    if stage.eval_at and not stage.eval:
+        raise ConfigError(f"{where}: eval_at asks for part-way evaluations of a stage with eval: false; set eval: "
+                          f"true or remove eval_at")
     if index == 0 and stage.carry_over.data_position:
         raise ConfigError(f"{where}: carry_over.data_position continues the previous stage's data, but this is the "
                           f"first stage; remove it")
@@ -185,7 +196,8 @@ def resolve_stages(schema: RunSchema, data: DataConfig) -> tuple[Stage, ...]:
                               steps=raw.steps, micro_batch_size=raw.micro_batch_size, grad_accum=raw.grad_accum,
                               lr=dataclasses.replace(lr), rope=Rope(theta, scaling), attention=attention,
                               data=stage_data, sequence_parallel=sp, carry_over=dataclasses.replace(raw.carry_over),
-                              eval=raw.eval, data_seed=_data_seed(schema.stages, i, schema.trainer.seed)))
+                              eval=raw.eval, eval_at=tuple(sorted(raw.eval_at)),
+                              data_seed=_data_seed(schema.stages, i, schema.trainer.seed)))
     for stage in resolved[1:]:
         if stage.carry_over.data_position and stage.data != resolved[stage.index - 1].data:
             raise ConfigError(f"{stage.where}: carry_over.data_position continues the previous stage's document "

@@ -1,6 +1,7 @@
 """`moba-train mode=eval checkpoint=PATH [recipe=NAME]`: the evaluations of a finished or running job, on demand.
 
-PATH is a Hugging Face directory (`<output_dir>/hf_model`, or any local model; an attention plan
+PATH `base` is the recipe's model before any training (its own RoPE) with the recipe's last stage's
+attention plan: the untrained baseline of an attention arm, at any length. Any other PATH is a Hugging Face directory (`<output_dir>/hf_model`, or any local model; an attention plan
 recorded by the export is restored, else the recipe's last stage's plan is used) or a training
 checkpoint (`<output_dir>/checkpoints/stepNNNNNNNN`; the recipe's model is built, the checkpoint's
 weights loaded, and RoPE and attention plan set as they were at that step).
@@ -34,12 +35,14 @@ from .stage_end import passkey_cap
 
 log = logging.getLogger(__name__)
 
+BASE = "base"          # checkpoint=base: the recipe's model before any training
+
 
 @dataclass
 class EvalResult:
     out_dir: Path
     position_loss: dict[str, PositionLoss] = field(default_factory=dict)
-    passkey: PasskeyResult | None = None
+    passkey: list[PasskeyResult] = field(default_factory=list)   # one per haystack style
     plots: dict[str, Path] = field(default_factory=dict)
 
 
@@ -65,6 +68,16 @@ def load_hf(cfg, path: Path) -> Loaded:
         raise ConfigError(f"{path} has no tokenizer files; set model.tokenizer to a tokenizer directory or "
                           f"embedded:<name>")
     return Loaded(loaded.model, tokenizer, plan, f"Hugging Face directory {path}")
+
+
+def load_base(cfg) -> Loaded:
+    """The recipe's model as it is before training (its own RoPE), with the last stage's attention plan."""
+    loaded = load_for_training(cfg)
+    plan = AttentionPlan.from_config(cfg.stages[-1].attention, loaded.model.config.num_hidden_layers)
+    plan.set_progress(1.0)
+    attach_plan(loaded.model, plan)
+    return Loaded(loaded.model, loaded.tokenizer, plan, f"the recipe's model before training ({cfg.model.source} "
+                                                       f"{cfg.model.path or cfg.model.name})")
 
 
 def _checkpoint_weights(ckpt: Path) -> dict:
@@ -109,14 +122,16 @@ def load_training_checkpoint(cfg, ckpt: Path) -> Loaded:
 
 def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
     checkpoint = checkpoint.expanduser()
-    if is_checkpoint(checkpoint):
+    if str(checkpoint) == BASE:
+        loaded = load_base(cfg)
+    elif is_checkpoint(checkpoint):
         loaded = load_training_checkpoint(cfg, checkpoint)
     elif (checkpoint / "config.json").is_file():
         loaded = load_hf(cfg, checkpoint)
     else:
         raise ConfigError(f"checkpoint={checkpoint} is neither a Hugging Face model directory (config.json) nor a "
-                          f"moba-train checkpoint (trainer_state.json); give <output_dir>/hf_model or "
-                          f"<output_dir>/checkpoints/stepNNNNNNNN")
+                          f"moba-train checkpoint (trainer_state.json); give <output_dir>/hf_model, "
+                          f"<output_dir>/checkpoints/stepNNNNNNNN or {BASE} (the recipe's untrained model)")
     out_dir = Path(cfg.paths.output_dir).expanduser() / "eval"
     metrics = MetricsFile(out_dir / FILE_NAME)
     metrics.truncate_after(-1)                         # a fresh file: one evaluation per directory
@@ -143,13 +158,14 @@ def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
     pk = cfg.eval.passkey
     every_length = sorted({s.seq_len for s in cfg.stages})
     lengths, skipped = passkey_lengths(pk.lengths or every_length, None, passkey_cap(cfg))
-    if lengths:
-        result.passkey = run_passkey(model, loaded.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
-                                    haystacks=pk.haystack)
-        result.passkey.skipped_lengths = skipped
-        metrics.append({"kind": "passkey", "step": 0, "stage": "eval", **asdict(result.passkey)})
-        print(describe(result.passkey), flush=True)
-    elif skipped:
+    for style in pk.haystacks if lengths else ():
+        found = run_passkey(model, loaded.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
+                            haystacks=style)
+        found.skipped_lengths = skipped
+        result.passkey.append(found)
+        metrics.append({"kind": "passkey", "step": 0, "stage": "eval", **asdict(found)})
+        print(describe(found), flush=True)
+    if not lengths and skipped:
         print(f"passkey skipped: lengths {skipped} exceed eval.passkey.max_length"
               f"{'' if torch.cuda.is_available() else '_cpu'} ({passkey_cap(cfg)})", flush=True)
 

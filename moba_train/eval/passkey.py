@@ -48,6 +48,7 @@ class PasskeyResult:
     accuracy: float | None                     # over every trial
     trials: list[PasskeyTrial] = field(default_factory=list)
     skipped_lengths: list[int] = field(default_factory=list)
+    haystack: str = "lee"                      # the filler style (moba_train.data.haystacks.STYLES)
 
 
 class Haystacks:
@@ -57,6 +58,7 @@ class Haystacks:
         if style not in STYLES:
             raise ValueError(f"unknown passkey haystack {style!r}; choose one of {sorted(STYLES)}")
         self.tokenizer = tokenizer
+        self.name = style
         self.style = STYLES[style]
         encoded = tokenizer(self.style.units(), add_special_tokens=False)["input_ids"]
         self.sentences = [ids for ids in encoded if ids]
@@ -129,7 +131,8 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
     finally:
         model.train(was_training)
     grid = [[_mean([t.correct for t in trials if t.length == n and t.depth == d]) for n in lengths] for d in depths]
-    return PasskeyResult(list(lengths), list(depths), grid, _mean([t.correct for t in trials]), trials)
+    return PasskeyResult(list(lengths), list(depths), grid, _mean([t.correct for t in trials]), trials,
+                         haystack=haystacks.name)
 
 
 def _mean(flags: list[bool]) -> float | None:
@@ -145,7 +148,7 @@ def passkey_lengths(configured: list[int] | None, stage_len: int | None, cap: in
 
 
 def describe(result: PasskeyResult) -> str:
-    head = "passkey accuracy (depth x length): " + ", ".join(
+    head = f"passkey accuracy, {result.haystack} haystack (depth x length): " + ", ".join(
         f"{n}: " + "/".join("-" if a is None else f"{a:.0%}" for a in col) for n, col in
         zip(result.lengths, zip(*result.accuracy_grid)))
     if result.skipped_lengths:

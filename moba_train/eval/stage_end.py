@@ -1,4 +1,5 @@
-"""What the trainer evaluates when a stage ends: validation loss by position, passkey retrieval, plots.
+"""What the trainer evaluates when a stage ends (or part-way, stages[].eval_at): validation loss by position,
+passkey retrieval on each configured haystack, plots.
 
 Each evaluation runs on its own: one that raises is recorded (console, metrics.jsonl, wandb) with its
 error and, where known, the fix, and the others still run. The trainer has written the stage's
@@ -47,6 +48,7 @@ class StageEvaluation:
     zero3: bool = False
     world: int = 1
     is_main: bool = True
+    tags: dict = field(default_factory=dict)   # added to every record: stage_step, tokens_seen, part_way (its index)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class EvalError:
 @dataclass
 class StageEvalOutcome:
     position_loss: PositionLoss | None = None
-    passkey: PasskeyResult | None = None
+    passkey: list[PasskeyResult] = field(default_factory=list)   # one per haystack style
     plots: dict[str, Path] = field(default_factory=dict)
     errors: list[EvalError] = field(default_factory=list)
 
@@ -89,32 +91,34 @@ def _position_loss(ev: StageEvaluation) -> PositionLoss | None:
                                   stage.seq_len, buckets=cfg.eval.position_buckets, tail_tokens=cfg.eval.tail_tokens)
 
 
-def stage_passkey(ev: StageEvaluation) -> PasskeyResult | None:
-    """Passkey at the stage's length (or the configured lengths up to it), None when off or all capped.
+def stage_passkey(ev: StageEvaluation) -> list[PasskeyResult]:
+    """Passkey at the stage's length (or the configured lengths up to it), one result per haystack style;
+    none when off or all capped.
 
     Generation runs without sequence parallelism (each rank decodes the whole haystack; the cap bounds
     the KV cache that needs); every rank runs the same trials so that ZeRO-3's gathers line up."""
     cfg, stage = ev.cfg, ev.stage
     pk = cfg.eval.passkey
     if not (stage.eval and pk.enabled):
-        return None
+        return []
     lengths, skipped = passkey_lengths(pk.lengths, stage.seq_len, passkey_cap(cfg))
     if not lengths:
         if skipped:
             log.info("passkey skipped at stage %s: haystack lengths %s exceed the cap (eval.passkey.max_length%s)",
                      stage.name, skipped, "" if torch.cuda.is_available() else "_cpu")
-        return None
+        return []
     sp = stage.sequence_parallel
     if sp > 1:
         apply_sequence_parallel(ev.lm, 1)
     try:
-        result = run_passkey(ev.lm, ev.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
-                             synced_gpus=ev.zero3 and ev.world > 1, haystacks=pk.haystack)
+        results = [run_passkey(ev.lm, ev.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
+                               synced_gpus=ev.zero3 and ev.world > 1, haystacks=style) for style in pk.haystacks]
     finally:
         if sp > 1:
             apply_sequence_parallel(ev.lm, sp)
-    result.skipped_lengths = skipped
-    return result
+    for result in results:
+        result.skipped_lengths = skipped
+    return results
 
 
 def plots_from_metrics(output_dir: Path) -> dict[str, Path]:
@@ -164,17 +168,17 @@ def evaluate_stage_end(ev: StageEvaluation, tracker, step: int) -> StageEvalOutc
             return result
         record = EvalError(name, f"{type(error).__name__}: {error}", explain_eval_error(name, error, ev.stage))
         outcome.errors.append(record)
-        tracker.log_eval_error(step, ev.stage, record)
+        tracker.log_eval_error(step, ev.stage, record, tags=ev.tags)
         return None
 
     outcome.position_loss = attempt("position_loss", lambda: _position_loss(ev))
     if outcome.position_loss is not None:
-        tracker.log_eval(step, ev.stage, outcome.position_loss)
-    outcome.passkey = attempt("passkey", lambda: stage_passkey(ev))
-    if outcome.passkey is not None:
-        tracker.log_passkey(step, ev.stage, outcome.passkey)
+        tracker.log_eval(step, ev.stage, outcome.position_loss, tags=ev.tags)
+    outcome.passkey = attempt("passkey", lambda: stage_passkey(ev)) or []
+    for result in outcome.passkey:
+        tracker.log_passkey(step, ev.stage, result, tags=ev.tags)
         if ev.is_main:
-            print(describe(outcome.passkey), flush=True)
+            print(describe(result), flush=True)
     if ev.cfg.eval.plots and ev.is_main:
         outcome.plots = attempt("plots", lambda: plots_from_metrics(tracker.output_dir), collective=False) or {}
         tracker.log_plots(outcome.plots, step)

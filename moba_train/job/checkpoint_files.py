@@ -31,6 +31,8 @@ class TrainState:
     wandb_run_id: str | None = None
     # A stage trained and checkpointed whose stage-end evaluation has not completed: resuming finishes it first.
     eval_pending: int | None = None
+    # Part-way evaluations of the current stage completed (stages[].eval_at); the next one is due at its step.
+    part_way_evals_done: int = 0
     # The routing convention (attention centroids) each stage trained so far used, by stage name; None in
     # checkpoints written before it was recorded, whose stages all used "fp32".
     centroids: dict | None = None

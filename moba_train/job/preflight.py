@@ -28,7 +28,7 @@ def preflight(cfg: RunConfig, world: int) -> None:
             raise ConfigError(f"{stage.where}: sequence_parallel={sp} must divide the {world} processes; launch a "
                               f"multiple of {sp} or change stages[{stage.index}].sequence_parallel")
         check_stage_data_config(cfg.data, stage.data, seq_len=stage.seq_len, mode=stage.mode, where=stage.where)
-    if cfg.eval.passkey.enabled and cfg.eval.passkey.haystack == "lee" and any(s.eval for s in cfg.stages):
+    if cfg.eval.passkey.enabled and "lee" in cfg.eval.passkey.haystacks and any(s.eval for s in cfg.stages):
         try:
             lee_path()                                        # passkey haystacks are cut from the Lee articles
         except DataError as e:

@@ -39,7 +39,11 @@ def distance_bins(counts: list[int]) -> tuple[list[int], list[int]]:
 
 class Tracker:
     def __init__(self, cfg, output_dir: Path, is_main: bool, resume_step: int = 0, run_id: str | None = None,
-                 model=None, world: int = 1, pending_eval_stage: int | None = None):
+                 model=None, world: int = 1, pending_eval_stage: int | None = None,
+                 part_way_done: tuple[int, int] = (0, 0)):
+        """resume_step: the checkpoint's global step (-1: a fresh run, which keeps no records). The records of
+        evaluations the resumed run repeats are dropped: the stage-end ones of `pending_eval_stage`, and the part-way
+        ones of stage part_way_done[0] from its part_way_done[1]-th on."""
         self.cfg = cfg
         self.is_main = is_main
         self.output_dir = output_dir
@@ -55,8 +59,14 @@ class Tracker:
                            if model is not None else None)
         if not is_main:
             return
-        kept = self.metrics.truncate_after(resume_step, drop=lambda r: r.get("kind") == "run_end" or (
-            r.get("kind") in EVAL_KINDS and r.get("stage_index") == pending_eval_stage))
+        def repeated(r: dict) -> bool:
+            if r.get("kind") not in EVAL_KINDS:
+                return False
+            if r.get("part_way") is None:
+                return r.get("stage_index") == pending_eval_stage
+            return r.get("stage_index") == part_way_done[0] and r["part_way"] >= part_way_done[1]
+
+        kept = self.metrics.truncate_after(resume_step, drop=lambda r: r.get("kind") == "run_end" or repeated(r))
         self.kept = kept
         self.losses = [r["loss"] for r in kept if r.get("kind") == "train" and r.get("loss") is not None]
         if cfg.logger.wandb:
@@ -149,23 +159,25 @@ class Tracker:
         self._log(values, step)
 
     # ---------------------------------------------------------------- evaluations
-    def log_eval(self, step: int, stage, ev) -> None:
-        self._write({"kind": "eval", "step": step, "stage_index": stage.index, "stage": stage.name, **asdict(ev)})
+    def log_eval(self, step: int, stage, ev, tags: dict | None = None) -> None:
+        self._write({"kind": "eval", "step": step, "stage_index": stage.index, "stage": stage.name, **(tags or {}),
+                     **asdict(ev)})
         self._log({"eval/loss": ev.mean_loss, "eval/tail_loss": ev.tail_loss,
                    wandb_run.section(stage.name, "val_loss"): ev.mean_loss,
                    wandb_run.section(stage.name, "tail_loss"): ev.tail_loss}, step)
 
-    def log_passkey(self, step: int, stage, result) -> None:
-        self._write({"kind": "passkey", "step": step, "stage_index": stage.index, "stage": stage.name, **asdict(result)})
-        self._log({"eval/passkey_accuracy": result.accuracy,
-                   wandb_run.section(stage.name, "passkey_accuracy"): result.accuracy}, step)
+    def log_passkey(self, step: int, stage, result, tags: dict | None = None) -> None:
+        self._write({"kind": "passkey", "step": step, "stage_index": stage.index, "stage": stage.name, **(tags or {}),
+                     **asdict(result)})
+        self._log({f"eval/passkey_{result.haystack}_accuracy": result.accuracy,
+                   wandb_run.section(stage.name, f"passkey_{result.haystack}_accuracy"): result.accuracy}, step)
 
-    def log_eval_error(self, step: int, stage, error) -> None:
+    def log_eval_error(self, step: int, stage, error, tags: dict | None = None) -> None:
         """A stage-end evaluation that failed: console, metrics.jsonl and the wandb run's summary."""
         if self.is_main:
             print(f"stage {stage.name}: evaluation {error.evaluation} FAILED: {error.error}\n  fix: {error.fix}",
                   flush=True)
-        self._write({"kind": "eval_error", "step": step, "stage_index": stage.index, "stage": stage.name,
+        self._write({"kind": "eval_error", "step": step, "stage_index": stage.index, "stage": stage.name, **(tags or {}),
                      "evaluation": error.evaluation, "error": error.error, "fix": error.fix})
         if self._wandb is not None:
             self._wandb.summary[wandb_run.section(stage.name, f"eval_error_{error.evaluation}")] = \

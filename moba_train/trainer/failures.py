@@ -51,6 +51,16 @@ class StopRequest:
         finally:
             self._deferring -= 1
 
+    @contextlib.contextmanager
+    def immediate(self):
+        """Inside this block (an evaluation the step loop runs right after a checkpoint) a first signal stops
+        at once, as outside the step loop: nothing is unsaved, and an evaluation can take minutes."""
+        saved, self._deferring = self._deferring, 0
+        try:
+            yield
+        finally:
+            self._deferring = saved
+
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:
             # A forked process inherits the handler: it must die as usual.

@@ -10,7 +10,7 @@ Everything else a stage runs with (RoPE, attention plan, sequence parallelism, b
 `Stage`'s, set when the stage is entered, so a resumed run trains exactly what the uninterrupted one does.
 
 A stage ends by writing its checkpoint, then evaluating: an evaluation that fails never costs the
-stage's training (see `finish_stage`).
+stage's training (see `finish_stage`). Part-way evaluations (stages[].eval_at) do the same inside the stage.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class Job:
     ckpt_root: Path
     rank: int
     world: int
+    saved_step: int | None = None                          # global step of the newest checkpoint of this run
     listed_skips: set[str] = field(default_factory=set)   # sources whose skipped records were printed in full
 
 
@@ -88,6 +89,7 @@ class StageRun:
     dp_rank: int
     dp: int
     sp_rank: int
+    part_way_steps: tuple[int, ...] = ()                   # stage steps after which it is evaluated part-way
 
 
 def export_dir(cfg: RunConfig) -> Path:
@@ -145,10 +147,12 @@ def _train(cfg: RunConfig, stop: StopRequest) -> RunResult:
             print(f"resumed from {resume_from}: stage {state.stage_index}, stage step {state.stage_step}, "
                   f"global step {state.global_step}", flush=True)
 
-    tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step, run_id=state.wandb_run_id,
-                      model=lm, world=world, pending_eval_stage=state.eval_pending)
+    tracker = Tracker(cfg, output_dir, rank == 0, resume_step=state.global_step if resume_from else -1,
+                      run_id=state.wandb_run_id, model=lm, world=world, pending_eval_stage=state.eval_pending,
+                      part_way_done=(state.stage_index, state.part_way_evals_done))
     state.wandb_run_id = tracker.run_id
-    job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, stop, ckpt_root, rank, world)
+    job = Job(cfg, engine, lm, loaded.tokenizer, plans, state, tracker, stop, ckpt_root, rank, world,
+              saved_step=state.global_step if resume_from else None)
     result = RunResult(checkpoint_dir=ckpt_root)
     status = "failed"
     try:
@@ -261,7 +265,8 @@ def enter_stage(job: Job, stage: Stage) -> StageRun:
     job.tracker.stage_started(stage, plan, step=state.global_step, backends=backends)
     schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
     summary = job.tracker.stage_summary(stage, schedule, backends)   # counts the steps before a resume too
-    return StageRun(stage, plan, stream, total, summary, lay.dp_rank, lay.dp, lay.sp_rank)
+    return StageRun(stage, plan, stream, total, summary, lay.dp_rank, lay.dp, lay.sp_rank,
+                    part_way_steps=stage.part_way_eval_steps(total))
 
 
 def train_steps(job: Job, run: StageRun) -> None:
@@ -274,7 +279,10 @@ def train_steps(job: Job, run: StageRun) -> None:
     started = time.perf_counter()
     try:
         with job.stop.deferring():        # a signal here ends the step, writes a checkpoint, then stops
-            while state.stage_step < run.total:
+            while True:
+                _evaluate_part_way(job, run)
+                if state.stage_step >= run.total:
+                    break
                 changed = plan.set_progress(state.stage_step / run.total)
                 lr = lr_at(state.stage_step, run.total, stage.lr)
                 set_lr(engine, lr)
@@ -332,6 +340,7 @@ def finish_stage(job: Job, run: StageRun) -> StageSummary:
     state.plan_progress = 1.0
     state.stage_index += 1
     state.stage_step = 0
+    state.part_way_evals_done = 0
     following = job.cfg.stages[state.stage_index] if state.stage_index < len(job.cfg.stages) else None
     if following is None or not following.carry_over.data_position:
         state.data_state = {}
@@ -345,12 +354,48 @@ def finish_stage(job: Job, run: StageRun) -> StageSummary:
     return run.summary
 
 
-def _evaluate(job: Job, run: StageRun) -> None:
-    stage = run.stage
+def _evaluate_part_way(job: Job, run: StageRun) -> None:
+    """The part-way evaluation due at this step of the stage, if any (stages[].eval_at): a checkpoint of the
+    steps so far first (unless one was written at this step), then the evaluations, a signal stopping them at
+    once. The checkpoint counts the evaluation as pending until it completes, so a resume repeats only it."""
+    state, steps = job.state, run.part_way_steps
+    while state.part_way_evals_done < len(steps) and steps[state.part_way_evals_done] < state.stage_step:
+        log.warning("%s: the part-way evaluation after step %d was not run (the run resumed past it with another "
+                    "eval_at or batch)", run.stage.where, steps[state.part_way_evals_done])
+        state.part_way_evals_done += 1
+    if state.part_way_evals_done >= len(steps) or steps[state.part_way_evals_done] != state.stage_step:
+        return
+    if job.saved_step != state.global_step and state.global_step > 0:
+        _save(job, run.stage.sequence_parallel)
+        if job.stop.requested():
+            raise RunStopped(f"stopped by signal after global step {state.global_step}; checkpoint written to "
+                             f"{job.ckpt_root}; run the same command again to resume")
+    if job.rank == 0:
+        print(f"stage {run.stage.name}: part-way evaluation {state.part_way_evals_done + 1}/{len(steps)} after "
+              f"{state.stage_step} of {run.total} steps", flush=True)
+    with job.stop.immediate():
+        _evaluate(job, run, part_way=state.part_way_evals_done)
+
+
+def _evaluate(job: Job, run: StageRun, part_way: int | None = None) -> None:
+    """The stage's evaluations: at its end (part_way None), or its `part_way`-th part-way one."""
+    stage, state = run.stage, job.state
     evaluation = StageEvaluation(job.engine.module, job.lm, job.tokenizer, job.cfg, stage, run.stream,
                                  dp=run.dp, sp_rank=run.sp_rank, zero3=job.engine.zero_optimization_stage() == 3,
-                                 world=job.world, is_main=job.rank == 0)
-    outcome = evaluate_stage_end(evaluation, job.tracker, step=job.state.global_step)
+                                 world=job.world, is_main=job.rank == 0,
+                                 tags={"stage_step": state.stage_step, "tokens_seen": state.tokens_seen,
+                                       **({"part_way": part_way} if part_way is not None else {})})
+    outcome = evaluate_stage_end(evaluation, job.tracker, step=state.global_step)
+    if part_way is not None:
+        if outcome.errors and job.cfg.eval.on_error == "fail":
+            raise RuntimeError(f"{stage.where}: the part-way evaluation after step {state.stage_step} failed "
+                               f"({outcome.errors[0]}). The checkpoint of the steps before it is kept; fix the cause "
+                               f"and run the same command again to repeat the evaluation and go on, or set "
+                               f"eval.on_error=continue")
+        state.part_way_evals_done += 1
+        if job.saved_step == state.global_step:
+            checkpoint.mark_evaluated(job.ckpt_root, state)
+        return
     run.summary.record(outcome)
     if outcome.errors and job.cfg.eval.on_error == "fail":
         # The checkpoint still says the evaluation is pending: the next run repeats only the evaluation.
@@ -393,6 +438,7 @@ def _save(job: Job, sp: int) -> None:
     trained = job.cfg.stages[:min(job.state.stage_index + 1, len(job.cfg.stages))]
     job.state.centroids = {s.name: s.attention.centroids for s in trained}
     checkpoint.save(job.engine, job.ckpt_root, job.state, job.cfg.trainer.keep_checkpoints)
+    job.saved_step = job.state.global_step
 
 
 def _reset_optimizer_state(engine) -> None:

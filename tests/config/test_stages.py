@@ -95,3 +95,39 @@ def test_smoke_shrinks_the_merged_blocks():
     assert {s.seq_len for s in stages} == {256}
     assert {s.attention.block_size for s in stages} == {64}
     assert {s.sequence_parallel for s in stages} == {1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.0.eval_at=[0.5,1.0]", r"stages\[0\] \(short\): eval_at must be distinct fractions .* in \[0, 1\)"),
+    ("stages.0.eval_at=[0.5,0.5]", r"eval_at must be distinct fractions"),
+    ("stages.2.eval_at=[0.5]", None),
+], ids=["the-end-is-always-evaluated", "repeated", "fine"])
+def test_part_way_evaluations_are_fractions_before_the_end(override, message):
+    if message is None:
+        assert resolve(["recipe=tiny", override])[2].part_way_eval_steps(4) == (2,)
+        return
+    with pytest.raises(ConfigError, match=message):
+        resolve(["recipe=tiny", override])
+
+
+def test_part_way_evaluations_need_the_stage_evaluated():
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(short\): eval_at asks for part-way evaluations of a stage "
+                                          r"with eval: false; set eval: true or remove eval_at"):
+        resolve(["recipe=tiny", "stages.0.eval_at=[0]", "stages.0.eval=false"])
+
+
+def test_part_way_steps_round_to_steps_and_never_repeat_the_end():
+    stage = resolve(["recipe=tiny", "stages.0.eval_at=[0,0.1,0.25,0.5]"])[0]
+    assert stage.part_way_eval_steps(100) == (0, 10, 25, 50)
+    assert stage.part_way_eval_steps(1) == (0,)        # a one-step stage (a smoke run): only the baseline
+
+
+@pytest.mark.parametrize("value, ok", [("lee", True), ("[lee,python]", True), ("[python,python]", False),
+                                       ("[lee,poems]", False), ("[]", False)])
+def test_passkey_haystack_is_a_style_or_a_list_of_styles(value, ok):
+    overrides = ["recipe=tiny", f"eval.passkey.haystack={value}"]
+    if ok:
+        load_run_config(compose_config(overrides))
+        return
+    with pytest.raises(ConfigError, match=r"eval.passkey.haystack must be one of \['lee', 'python'\] or a list"):
+        load_run_config(compose_config(overrides))

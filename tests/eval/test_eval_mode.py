@@ -42,6 +42,21 @@ def test_export_and_checkpoint_evaluate_alike(trained):
     assert not (trained / "from_hf" / ".hydra").exists()
 
 
+def test_the_untrained_base_model_is_evaluated_with_the_recipes_attention_on_every_haystack(trained):
+    """checkpoint=base: the zero-step baseline of an attention arm (quality studies compare against it)."""
+    res, out = evaluate(trained, "base", "from_base")
+    assert "the recipe's model before training" in res.stdout
+    source = records(out / "metrics.jsonl", "eval_source")[0]
+    assert source["plan"].startswith("moba(") and "full" in source["plan"]       # tiny's last stage: the SFT plan
+    moba_train([*FAST, "mode=eval", "checkpoint=base", "eval.passkey.haystack=[lee,python]", "attention=full",
+                "+stages.2.attention={moba_layers: none}", f"paths.output_dir={trained / 'from_base_full'}"], trained)
+    out = trained / "from_base_full" / "eval"
+    assert [r["haystack"] for r in records(out / "metrics.jsonl", "passkey")] == ["lee", "python"]
+    assert records(out / "metrics.jsonl", "eval_source")[0]["plan"] == "full layers 0-3"
+    trained_loss = records(trained / "from_hf" / "eval" / "metrics.jsonl", "eval")[0]["mean_loss"]
+    assert records(out / "metrics.jsonl", "eval")[0]["mean_loss"] > trained_loss
+
+
 def test_bad_checkpoint_path_is_refused_with_the_fix(tmp_path):
     res = moba_train([*FAST, "mode=eval", f"checkpoint={tmp_path}"], tmp_path, check=False)
     assert res.returncode != 0

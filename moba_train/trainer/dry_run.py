@@ -196,6 +196,10 @@ def check_stage(cfg: RunConfig, stage: Stage, shape: Shape, request: DryRunReque
         rule("passkey at the stage end", True if run else None,
              (f"lengths {run}" if run else "skipped") + (f"; {skipped} over eval.passkey.max_length {cap}"
                                                          if skipped else ""))
+    if stage.eval_at and dp:
+        points = stage.part_way_eval_steps(steps)
+        rule("part-way evaluations", True, f"after steps {', '.join(map(str, points))} of {steps:,} (0: before the "
+                                           f"stage's first step), each after a checkpoint of the steps before it")
 
     layout = {"stage": name, "seq_len": stage.seq_len, "sp": sp, "dp": dp,
               "groups": _sp_groups(world, sp, request.gpus_per_node) if dp else "-",

@@ -124,3 +124,15 @@ def test_cli_dry_run_exit_status_follows_the_verdict_and_writes_nothing(tmp_path
 def test_invalid_dry_run_invocations(tmp_path, args, message):
     res = moba_train([*EIGHT_B, *args], tmp_path, check=False)
     assert res.returncode != 0 and message in res.stderr + res.stdout
+
+
+def test_the_dry_run_lists_the_part_way_evaluations_the_trainer_will_run():
+    cfg = load_run_config(compose_config(["recipe=smollm2_moba"]))
+    stage = cfg.stages[0]
+    for gpus, steps in ((1, (0, 37, 92, 184)), (4, (0, 9, 23, 46))):
+        total = stage.total_steps(gpus)
+        assert stage.part_way_eval_steps(total) == steps             # what the trainer's loop runs
+        rows = [r for r in dry_run(cfg, DryRunRequest(nodes=1, gpus_per_node=gpus)).text.splitlines()
+                if "part-way evaluations" in r]
+        assert len(rows) == 2 and f"after steps {', '.join(map(str, steps))} of {total}" in rows[0]
+        assert "after steps 0 of" in rows[1]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 NEEDS_MODEL_PATH = {"llama3_8b_128k_to_1m", "qwen_8k_to_128k"}
 # the first documents of a large local corpus are enough for a smoke step (tokenizing all takes minutes)
-SMALLER_DATA = {"quality_code": ["+data.sources.code.max_documents=300"]}
+SMALLER_DATA = {recipe: ["+data.sources.code.max_documents=300"] for recipe in ("quality_code", "smollm2_moba")}
 
 
 def compose_config(overrides: list[str]) -> dict:

@@ -5,10 +5,11 @@ Two levels per context length L:
   attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
              the decode mode changes. For `moba` the first call, which builds the block means from the
              whole cache, is reported apart ("state build").
-  model      a whole decoding step of a randomly initialised decoder (forward of one token with
-             transformers' DynamicCache, every layer MoBA) after a MoBA prefill of L tokens: what
-             generate() pays per token. DynamicCache appends by concatenation, i.e. it copies the
-             whole cache every step whatever the decode mode; that cost is in these numbers.
+  model      a whole decoding step of a randomly initialised decoder (forward of one token, every layer
+             MoBA) after a MoBA prefill of L tokens: what generate() pays per token, with each KV cache
+             class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
+             i.e. copies the whole cache every step whatever the decode mode) and `moba` (moba-train's
+             MobaKVCache: allocated once, appended in place). "vs full" compares within one cache class.
 
 CPU (small, fp32):
     python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
@@ -30,7 +31,7 @@ from datetime import date
 
 import torch
 
-from moba_train.models import AttentionPlan, LayerAttention, attach_plan, build_from_config
+from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach_plan, build_from_config
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
@@ -104,11 +105,25 @@ def bench_model(L: int, args) -> list[dict]:
     ids = torch.randint(0, cfg["vocab_size"], (1, L + args.warmup + args.steps), generator=g).to(dev)
     attach_plan(model, plan_for(model, "moba", args))
     rows = []
+    cache_kw = model_cache_keyword(model)
+    for cache_class in args.caches:
+        rows += _bench_model_cache(model, ids, L, cache_class, cache_kw, args)
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args) -> list[dict]:
+    dev = args.device
+    attach_plan(model, plan_for(model, "moba", args))
+    given = ({cache_kw: MobaKVCache.for_model(model, L + args.warmup + args.steps)} if cache_class == "moba" else {})
+    rows = []
     with torch.no_grad():
         out = {}
-        prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1)), dev)
+        prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1,
+                                                   **given)), dev)
         cache = output_cache(out["o"])
-        cache_kw = model_cache_keyword(model)
         for mode in args.modes:
             attach_plan(model, plan_for(model, mode, args))
 
@@ -121,11 +136,10 @@ def bench_model(L: int, args) -> list[dict]:
             times = [timed(lambda: step(t), dev) for t in range(L + args.warmup, L + args.warmup + args.steps)]
             cache.crop(-(args.warmup + args.steps))   # back to the prefill for the next mode
             ms = 1e3 * statistics.median(times)
-            rows.append({"level": "model", "model": args.model, "context": L, "decode": mode, "ms_per_token": ms,
-                         "tokens_per_s": 1e3 / ms, "prefill_s": prefill, "peak_gib": peak_gib(dev)})
-    del model, cache, out
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+            rows.append({"level": f"model/{cache_class}", "model": args.model, "cache": cache_class, "context": L,
+                         "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "prefill_s": prefill,
+                         "peak_gib": peak_gib(dev)})
+    del cache, out
     return rows
 
 
@@ -136,6 +150,8 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192], help="tokens in the cache")
     p.add_argument("--levels", nargs="+", default=["attention", "model"], choices=["attention", "model"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--caches", nargs="+", default=["dynamic", "moba"], choices=["dynamic", "moba"],
+                   help="model level: the KV cache classes")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="default: smollm2-135m on cuda, tiny on cpu")
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"), help="attention level")
     p.add_argument("--head-dim", type=int, default=128, help="attention level")

@@ -11,7 +11,7 @@ tokens (Mohtashami & Jaggi, 2023, with real text instead of repeated filler). Tw
       assert PASS_KEY ==
 
 The key sits at the unit boundary nearest to `depth` (0 = start of the filler, 1 = end). The model
-generates greedily (`model.generate`, so MoBA layers decode over their KV cache as they do at
+generates greedily (`model.generate` over moba-train's in-place `MobaKVCache`, so MoBA layers decode over their KV cache as they do at
 inference); a trial is correct when the first number it writes is the key. Keys come from Python's
 `random` seeded by (seed, length, depth, sample), so the training RNG streams are never touched.
 """
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moba_train.data.haystacks import STYLES
+from moba_train.models.hf_compat import model_cache_keyword
+from moba_train.models.kv_cache import MobaKVCache
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = GenerationConfig(max_new_tokens=key_tokens + 2, do_sample=False, num_beams=1, pad_token_id=pad,
                            eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    cache_keyword = model_cache_keyword(model)     # generate() takes moba-train's in-place KV cache by this name
     was_training = model.training
     model.eval()
     trials = []
@@ -124,8 +127,9 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
                     key = trial_key(seed, length, depth, sample)
                     start = (sample * 7919 + length) % len(haystacks.sentences)
                     ids = torch.tensor([haystacks.build(length, depth, key, start)], device=device)
+                    cache = MobaKVCache.for_model(model, length + gen.max_new_tokens)
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                                         synced_gpus=synced_gpus)
+                                         synced_gpus=synced_gpus, **{cache_keyword: cache})
                     answer = tokenizer.decode(out[0, length:], skip_special_tokens=True)
                     trials.append(PasskeyTrial(length, depth, key, answer, first_number(answer) == key))
     finally:

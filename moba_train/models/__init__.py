@@ -9,9 +9,10 @@ from .export import EXPORT_KEY, export_model
 from .loading import (DEFAULT_MODEL, LoadedModel, build_from_config, cache_root, load, load_embedded, load_gguf,
                       load_hf_dir, load_model)
 from .plan import AttentionPlan, AttentionPlanConfig, LayerAttention, PhaseConfig
+from .kv_cache import MobaKVCache
 from .rope import set_rope
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionPlan", "AttentionPlanConfig", "DEFAULT_MODEL", "EXPORT_KEY",
-           "LayerAttention", "LoadedModel", "PhaseConfig", "attach_plan", "attend_varlen", "attention_modules",
+           "LayerAttention", "LoadedModel", "MobaKVCache", "PhaseConfig", "attach_plan", "attend_varlen", "attention_modules",
            "build_from_config", "cache_root", "export_model", "load", "load_embedded", "load_gguf", "load_hf_dir",
            "load_model", "set_rope"]

@@ -1,6 +1,7 @@
 """Passkey haystacks (exact length, key at its depth) and scoring by greedy generation."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,8 +60,13 @@ class KeyReader(torch.nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(num_hidden_layers=1)
 
-    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+    def forward(self, input_ids, cache=None):      # only its signature is read: the cache keyword
+        raise NotImplementedError
+
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus, cache):
+        assert cache.get_max_length() == input_ids.shape[1] + generation_config.max_new_tokens
         key = re.search(r"pass key is (\d+)", self.tokenizer.decode(input_ids[0])).group(1)
         answer = self.tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
         return torch.cat([input_ids, answer[:, :generation_config.max_new_tokens]], dim=1)

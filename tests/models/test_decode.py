@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import moba_train.models.cached_attention as cached_attention
-import moba_train.models.decode_cache as decode_cache
+import moba_train.models.block_means as block_means_module
 from moba_train.models import AttentionPlan, LayerAttention
 from moba_train.models.plan import DECODE_MODES
 from moba_train.models.cached_attention import attend_cached
@@ -163,7 +163,7 @@ def test_block_means_are_computed_once_per_block_not_per_step(monkeypatch):
         reduced.append(k.shape[0])
         return block_means(k, layout, centroids)
 
-    monkeypatch.setattr(decode_cache, "block_means", counting_block_means)
+    monkeypatch.setattr(block_means_module, "block_means", counting_block_means)
     model = with_plan(stock_model("llama"), MOBA)
     prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moba_train.models import LayerAttention
+from moba_train.models import LayerAttention, MobaKVCache
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
+from moba_train.models.hf_compat import model_cache_keyword
 from moba_train.ops import moba_attn_varlen
 from tests.models.test_decode import MOBA, greedy_by_recomputing
 from tests.models.tiny import stock_model, with_plan
@@ -34,10 +35,13 @@ def test_each_decoded_token_equals_the_operator_on_cuda(dtype, tol):
     assert means.complete == [T // bs]
 
 
-def test_greedy_generate_equals_recomputing_on_cuda():
+@pytest.mark.parametrize("cache", ["dynamic", "moba"])
+def test_greedy_generate_equals_recomputing_on_cuda(cache):
     model = with_plan(stock_model("llama"), {**MOBA, "backend": "lean"}).cuda()
+    model.generation_config.eos_token_id = None
     prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4)).cuda()
+    kwargs = {model_cache_keyword(model): MobaKVCache.for_model(model, 24)} if cache == "moba" else {}
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=14, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=14, do_sample=False, **kwargs)
     want, _ = greedy_by_recomputing(model, prompt, 14)
     assert torch.equal(out, want)

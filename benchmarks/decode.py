@@ -1,5 +1,6 @@
 """Decode tokens/s over a long KV cache: MoBA layers decoding densely (`full`, the paper's setting) or
-sparsely (`moba`: own block + top-(k-1) blocks by the block means kept with the cache).
+sparsely (`moba`: own block + top-(k-1) blocks by the block means kept with the cache), the sparse step run by
+PyTorch ops (`moba`) or by the fused Triton kernel (`moba-triton`, decode_backend=triton; CUDA only).
 
 Two levels per context length L:
   attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
@@ -37,7 +38,13 @@ from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("full", "moba")
+MODES = ("full", "moba", "moba-triton")     # decode mode, and for sparse decoding what runs the step
+
+
+def layer_settings(mode: str) -> dict:
+    """The plan's decode keys of a benchmark mode."""
+    return {"decode": "full"} if mode == "full" else {"decode": "moba",
+                                                      "decode_backend": "triton" if mode == "moba-triton" else "torch"}
 MODELS = {
     # SmolLM2-135M's shape (the demo model): 30 layers, 9 query / 3 KV heads of 64, vocabulary 49,152.
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -79,8 +86,8 @@ def bench_attention(L: int, mode: str, args) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(1, hq, 1, args.head_dim, generator=g, device=dev, dtype=dtype)
     k, v = (torch.randn(1, hkv, L, args.head_dim, generator=g, device=dev, dtype=dtype) for _ in range(2))
-    layer = LayerAttention("moba", args.block_size, args.topk, "auto", decode=mode)
-    means = BlockMeans(args.block_size) if mode == "moba" else None
+    layer = LayerAttention("moba", args.block_size, args.topk, "auto", **layer_settings(mode))
+    means = BlockMeans(args.block_size) if mode != "full" else None
     with torch.no_grad():
         build = timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev)
         for _ in range(args.warmup):
@@ -89,12 +96,12 @@ def bench_attention(L: int, mode: str, args) -> dict:
         times = [timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev) for _ in range(args.steps)]
     ms = 1e3 * statistics.median(times)
     return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
-            "state_build_ms": 1e3 * build if mode == "moba" else None, "peak_gib": peak_gib(dev)}
+            "state_build_ms": 1e3 * build if mode != "full" else None, "peak_gib": peak_gib(dev)}
 
 
 def plan_for(model, mode: str, args) -> AttentionPlan:
     return AttentionPlan.from_config({"block_size": args.block_size, "topk": args.topk, "moba_layers": "all",
-                                      "decode": mode}, model.config.num_hidden_layers)
+                                      **layer_settings(mode)}, model.config.num_hidden_layers)
 
 
 def bench_model(L: int, args) -> list[dict]:
@@ -149,7 +156,8 @@ def main():
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192], help="tokens in the cache")
     p.add_argument("--levels", nargs="+", default=["attention", "model"], choices=["attention", "model"])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=None, choices=MODES,
+                   help="default: all on cuda; full and moba on cpu (the kernel needs a GPU)")
     p.add_argument("--caches", nargs="+", default=["dynamic", "moba"], choices=["dynamic", "moba"],
                    help="model level: the KV cache classes")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="default: smollm2-135m on cuda, tiny on cpu")
@@ -163,6 +171,7 @@ def main():
     args = p.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.model = args.model or ("smollm2-135m" if args.device == "cuda" else "tiny")
+    args.modes = args.modes or (list(MODES) if args.device == "cuda" else ["full", "moba"])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
     for L in args.contexts:

@@ -8,12 +8,20 @@ causally plus the topk - 1 earlier blocks whose mean key scores highest, blocks 
 row's first real token, exactly as the operator does over the whole sequence. The sparse path
 scores the block means kept in a `BlockMeans` (updated as blocks complete) and gathers only the
 chosen blocks' keys and values.
+
+What runs a sparse step is the plan's `decode_backend` (`DECODE_BACKENDS`): `torch`, the PyTorch ops
+below (any device, any number of new tokens), or `triton`, one fused kernel per layer and step
+(`moba_train.ops.moba.decode_triton`) for steps of one new token per row; a step of several (assisted
+decoding, a prefill over a filled cache) runs the PyTorch ops. `auto` is `torch` until the kernel's
+speed has been measured on a GPU (docs/benchmarks.md, Decoding).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 from typing import Callable
 
 import torch
@@ -22,8 +30,11 @@ import torch.nn.functional as F
 from .decode_cache import BlockMeans
 from .plan import LayerAttention
 
+log = logging.getLogger(__name__)
+
 # Keys gathered for a chunk of queries of the sparse path: at most this many elements.
 GATHER_ELEMENTS = 1 << 24
+_told: set[str] = set()       # one-time notes already logged
 
 
 def _attend_dense(query, key, value, key_valid, layer, softmax_scale, block_means=None) -> torch.Tensor:
@@ -140,6 +151,16 @@ def _attend_moba(query, key, value, key_valid, layer, softmax_scale, block_means
     B, Hq, S, D = query.shape
     K = key.shape[2]
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    if decode_backend(layer, query.device) == "triton":
+        if S == 1:
+            from ..ops.moba.decode_triton import moba_decode_step
+
+            return moba_decode_step(query, key, value, block_means.means, block_means.pad_slots, layer.block_size,
+                                    layer.topk, scale)
+        if "several" not in _told:
+            _told.add("several")
+            log.info("decode_backend=triton: steps with several new tokens per row (here %d) run the PyTorch ops; "
+                     "the fused kernel takes one", S)
     n_extra = min(layer.topk - 1, block_means.max_complete)
     width = (n_extra + 1) * layer.block_size
     chunk = max(1, GATHER_ELEMENTS // (B * Hq * width * D))
@@ -151,6 +172,34 @@ def _attend_moba(query, key, value, key_valid, layer, softmax_scale, block_means
 
 # How a layer attends over a KV cache, by `cached_kind`.
 CACHED_ATTENTION: dict[str, Callable] = {"full": _attend_dense, "moba": _attend_moba}
+
+
+def _triton_decode_missing(device: torch.device) -> str | None:
+    """Why the fused decode kernel cannot run here, with the fix; None when it can."""
+    from ..ops.moba import triton as triton_backend
+
+    if triton_backend.triton is None:
+        return "triton is not installed: pip install 'moba-train[triton]'"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"it runs on CUDA GPUs, the cache is on {device.type}"
+    return None
+
+
+# What runs a sparse MoBA decoding step, by the plan's `decode_backend` (moba_train.models.plan.DECODE_BACKENDS):
+# name -> why it cannot run on a device (None: it can).
+DECODE_BACKENDS: dict[str, Callable[[torch.device], str | None]] = {
+    "torch": lambda device: None,
+    "triton": _triton_decode_missing,
+}
+
+
+def decode_backend(layer: LayerAttention, device: torch.device) -> str:
+    """The decode backend the layer's plan asks for, resolved (`auto`: torch, until the kernel is measured)."""
+    name = "torch" if layer.decode_backend == "auto" else layer.decode_backend
+    reason = DECODE_BACKENDS[name](device)
+    if reason is not None:
+        raise RuntimeError(f"attention.decode_backend={name}: {reason}; set attention.decode_backend=torch")
+    return name
 
 
 def cached_kind(layer: LayerAttention) -> str:
@@ -169,4 +218,4 @@ def attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     return CACHED_ATTENTION[cached_kind(layer)](query, key, value, key_valid, layer, softmax_scale, block_means)
 
 
-__all__ = ["CACHED_ATTENTION", "attend_cached", "cached_kind"]
+__all__ = ["CACHED_ATTENTION", "DECODE_BACKENDS", "attend_cached", "cached_kind", "decode_backend"]

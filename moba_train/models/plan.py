@@ -12,6 +12,8 @@ as written in a Hydra YAML):
 from the end). A phase applies while progress < its `until`; the last phase also covers progress 1.0.
 `decode` says how MoBA layers attend while decoding over a KV cache: "moba" (sparse, the same rule
 as prefill and training) or "full" (dense, the paper's setting). Prefill always follows `mode`.
+`decode_backend` runs sparse decoding steps: "torch" (PyTorch ops), "triton" (one fused kernel per
+layer and step, GPUs), "auto" (torch, until the kernel's speed is measured).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # How MoBA layers decode over a KV cache (moba_train.models.cached_attention.CACHED_ATTENTION):
 # "moba" keeps MoBA's block rule, so cached decoding equals recomputing the sequence; "full" is dense.
 DECODE_MODES = ("moba", "full")
+# What runs a sparse decoding step (moba_train.models.cached_attention.DECODE_BACKENDS); auto: torch.
+DECODE_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class AttentionPlanConfig:
     backend: str = "auto"          # MoBA backend (moba_train.ops.moba.BACKENDS)
     full_backend: str = "auto"     # full-attention backend (moba_train.ops.full_attn.FULL_ATTN_BACKENDS)
     decode: str = "moba"           # MoBA layers over a KV cache: moba (sparse) | full (dense, the paper's)
+    decode_backend: str = "auto"   # what runs a sparse decoding step: auto | torch | triton (one fused kernel)
     # how the gate's block means are rounded (moba_train/ops/moba/routing.py): reference (to the input dtype, as
     # MoonshotAI's kernels do) | fp32
     centroids: str = "reference"
@@ -78,6 +83,7 @@ class AttentionSpec:
     decode: str
     centroids: str
     phases: tuple[Phase, ...]
+    decode_backend: str = "auto"
 
     def uses_moba(self) -> bool:
         """Whether any phase runs MoBA in some layer (an empty list or "none" everywhere does not)."""
@@ -101,6 +107,7 @@ class LayerAttention:
     backend: str
     decode: str = "moba"
     centroids: str = "reference"
+    decode_backend: str = "auto"
 
     def describe(self) -> str:
         if self.mode != "moba":
@@ -209,6 +216,9 @@ def attention_spec(cfg: Mapping | AttentionSpec, where: str = "attention plan") 
     if full["decode"] not in DECODE_MODES:
         raise ValueError(f"{where}: decode must be one of {list(DECODE_MODES)} (how MoBA layers attend "
                          f"while generating over a KV cache), got {full['decode']!r}")
+    if full["decode_backend"] not in DECODE_BACKENDS:
+        raise ValueError(f"{where}: decode_backend must be one of {list(DECODE_BACKENDS)} (what runs a sparse "
+                         f"decoding step), got {full['decode_backend']!r}")
     if (full["moba_layers"] is None) == (full["phases"] is None):
         raise ValueError(f"{where}: give exactly one of `moba_layers` (one setting for the whole stage) or "
                          f"`phases` (a schedule over stage progress), got "
@@ -237,7 +247,7 @@ def attention_spec(cfg: Mapping | AttentionSpec, where: str = "attention plan") 
         raise ValueError(f"{where}: the last phase must have until: 1.0 (it has {previous}), so that the plan "
                          f"covers the whole stage")
     return AttentionSpec(full["block_size"], full["topk"], full["backend"], full["full_backend"], full["decode"],
-                         full["centroids"], tuple(phases))
+                         full["centroids"], tuple(phases), full["decode_backend"])
 
 
 def validate_config(cfg: Mapping | AttentionSpec, num_layers: int,
@@ -282,8 +292,9 @@ class AttentionPlan:
     def _resolve(self, p: float) -> tuple[LayerAttention, ...]:
         moba = self._phase(p)
         c = self.config
-        return tuple(LayerAttention("moba", c.block_size, c.topk, c.backend, c.decode, c.centroids) if i in moba
-                     else LayerAttention("full", c.block_size, c.topk, c.full_backend, c.decode, c.centroids)
+        return tuple(LayerAttention("moba", c.block_size, c.topk, c.backend, c.decode, c.centroids, c.decode_backend)
+                     if i in moba else LayerAttention("full", c.block_size, c.topk, c.full_backend, c.decode,
+                                                      c.centroids, c.decode_backend)
                      for i in range(self.num_layers))
 
     def phase_starts(self) -> list[float]:

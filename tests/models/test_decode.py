@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import moba_train.models.cached_attention as cached_attention
 import moba_train.models.block_means as block_means_module
 from moba_train.models import AttentionPlan, LayerAttention
-from moba_train.models.plan import DECODE_MODES
+from moba_train.models.plan import DECODE_BACKENDS, DECODE_MODES
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
@@ -223,6 +223,19 @@ def test_plan_decode_key_default_and_validation():
     with pytest.raises(ValueError, match=r"decode must be one of \['moba', 'full'\].*got 'sparse'"):
         AttentionPlan.from_config({**MOBA, "decode": "sparse"}, 2)
     assert set(DECODE_MODES) == set(cached_attention.CACHED_ATTENTION)   # every mode the plan accepts runs
+
+
+def test_plan_decode_backend_default_validation_and_a_missing_kernel_named_with_the_fix(monkeypatch):
+    plan = AttentionPlan.from_config(MOBA, 2)
+    assert plan.at(0).decode_backend == "auto" and plan.to_config()["decode_backend"] == "auto"
+    assert set(DECODE_BACKENDS) - {"auto"} == set(cached_attention.DECODE_BACKENDS)   # every name the plan takes runs
+    with pytest.raises(ValueError, match=r"decode_backend must be one of \['auto', 'torch', 'triton'\].*got 'cuda'"):
+        AttentionPlan.from_config({**MOBA, "decode_backend": "cuda"}, 2)
+    assert cached_attention.decode_backend(plan.at(0), torch.device("cpu")) == "torch"    # auto: torch, for now
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = AttentionPlan.from_config({**MOBA, "decode_backend": "triton"}, 2).at(0)
+    with pytest.raises(RuntimeError, match="decode_backend=triton: .*set attention.decode_backend=torch"):
+        cached_attention.decode_backend(kernel, torch.device("cpu"))
 
 
 LAYOUTS = {

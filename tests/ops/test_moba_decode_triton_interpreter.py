@@ -1,0 +1,111 @@
+"""The fused MoBA decode kernel (ops/moba/decode_triton.py) under Triton's CPU interpreter, against the PyTorch
+decode path (itself checked against the operator over the whole sequence in tests/models/test_decode.py).
+
+As for the training kernels, the cases run in a fresh `TRITON_INTERPRET=1` process started by the launcher.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moba_train.models import LayerAttention, MobaKVCache
+from moba_train.models.block_means import BlockMeans
+from moba_train.models.cached_attention import attend_cached
+from moba_train.models.hf_compat import model_cache_keyword
+from tests.models.test_decode import greedy_by_recomputing
+from tests.models.tiny import stock_model, with_plan
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed: pip install 'moba-train[triton]'")
+in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the launcher's TRITON_INTERPRET=1 process")
+
+# (query heads, KV heads, head_dim, block_size, topk, prompt lengths of the rows (left-padded to the longest)).
+# The interpreter runs each program in Python: a few steps per case, each crossing a block end in some row.
+CASES = {
+    "mha-d16-bs16-top2": (2, 2, 16, 16, 2, (45,)),
+    "gqa3-d64-bs16-top3-padded": (6, 2, 64, 16, 3, (45, 20, 29)),
+    "gqa4-d80-bs24-top3": (8, 2, 80, 24, 3, (69, 46)),
+    "gqa7-d32-bs16-top1": (7, 1, 32, 16, 1, (45,)),
+    "top-all-bs16": (4, 2, 16, 16, 100, (45, 31)),
+}
+LAYOUTS = {
+    "contiguous": lambda x: x.contiguous(),
+    "view-of-a-longer-buffer": lambda x: torch.cat([x, torch.full_like(x, float("nan"))], dim=2)[:, :, :x.shape[2]],
+    "token-major": lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),
+}
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="launcher: CPU only, outside the interpreter")
+def test_interpreted_decode_kernel_passes_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=540)
+    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1
+    assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
+
+
+def _decode_both(hq, hkv, d, bs, topk, prompts, dtype, layout, steps=5, seed=0):
+    """Decode `steps` tokens per row with the torch path and the kernel; compare every step's output."""
+    g = torch.Generator().manual_seed(seed)
+    B, K0 = len(prompts), max(prompts)
+    K = K0 + steps
+    q = torch.randn(B, hq, K, d, generator=g).to(dtype)
+    k = layout(torch.randn(B, hkv, K, d, generator=g).to(dtype))
+    v = layout(torch.randn(B, hkv, K, d, generator=g).to(dtype))
+    valid = torch.zeros(B, K, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        valid[b, K0 - p:] = True
+    torch_layer = LayerAttention("moba", bs, topk, "auto", decode_backend="torch")
+    kernel_layer = LayerAttention("moba", bs, topk, "auto", decode_backend="triton")
+    means = {"torch": BlockMeans(bs), "triton": BlockMeans(bs)}
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    for t in range(K0, K):
+        args = (q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], valid[:, :t + 1])
+        want = attend_cached(*args, torch_layer, None, means["torch"])
+        got = attend_cached(*args, kernel_layer, None, means["triton"])
+        assert got.dtype == want.dtype == dtype and not got.isnan().any()
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m, step=t: f"step {step}: {m}")
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_each_step_equals_the_pytorch_decode_path_fp32(case):
+    _decode_both(*case, torch.float32, LAYOUTS["contiguous"])
+
+
+@in_interpreter
+@pytest.mark.parametrize("layout", [v for k, v in LAYOUTS.items() if k != "contiguous"],
+                         ids=[k for k in LAYOUTS if k != "contiguous"])
+def test_the_kernel_reads_the_cache_in_place_whatever_its_strides(layout):
+    _decode_both(*CASES["gqa3-d64-bs16-top3-padded"], torch.float32, layout)
+
+
+FP16_CASES = ["gqa3-d64-bs16-top3-padded", "gqa4-d80-bs24-top3"]
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", [CASES[c] for c in FP16_CASES], ids=FP16_CASES)
+def test_each_step_equals_the_pytorch_decode_path_fp16(case):
+    _decode_both(*case, torch.float16, LAYOUTS["contiguous"])
+
+
+@in_interpreter
+def test_greedy_generate_with_the_kernel_equals_recomputing():
+    model = with_plan(stock_model("llama"), {"block_size": 4, "topk": 2, "moba_layers": "all",
+                                             "decode_backend": "triton"})
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=14, do_sample=False,
+                             **{model_cache_keyword(model): MobaKVCache.for_model(model, 24)})
+    want, _ = greedy_by_recomputing(model, prompt, 14)
+    assert torch.equal(out, want)

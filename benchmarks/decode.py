@@ -14,7 +14,7 @@ Two levels per context length L:
 
 CPU (small, fp32):
     python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
-GPU (the sizes of docs/benchmarks.md; --model llama3.2-1b for a larger decoder):
+GPU (the sizes of docs/benchmarks.md; --model llama3-8b-8l or llama3.2-1b for larger decoders):
     python benchmarks/decode.py --device cuda --dtype bf16 --contexts 32768 131072
 Prints a markdown table; --out appends JSON lines.
 """
@@ -53,6 +53,10 @@ MODELS = {
     "llama3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                         tie_word_embeddings=True),
+    # Llama-3-8B's layer shape, 8 of its 32 layers: 32 query / 8 KV heads of 128, vocabulary 128,256.
+    "llama3-8b-8l": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         rope_theta=500000.0, tie_word_embeddings=False),
     "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
 }

@@ -139,6 +139,9 @@ class PasskeyConfig:
     samples: int = 1                    # haystacks (different keys) per depth and length
     max_length: int = 131072            # longer haystacks are skipped (generation holds the whole KV cache on one GPU)
     max_length_cpu: int = 1024          # the same cap on CPU, where a prefill runs at a few hundred tokens/s
+    # samples of one length and depth are generated as one batch of up to this many prompt tokens (at least
+    # one haystack): the memory of one max_length prefill, fewer launches for short haystacks
+    batch_tokens: int = 131072
     seed: int = 0
     # filler style: lee (English news) | python (stdlib code, for code models) | a list of both: every length and
     # depth is tried in each. (Typed Any: OmegaConf cannot type a field that is a string or a list.)
@@ -281,8 +284,9 @@ def check_eval(cfg: RunSchema) -> None:
     if not styles or any(style not in STYLES for style in styles) or len(set(styles)) != len(styles):
         raise ConfigError(f"eval.passkey.haystack must be one of {sorted(STYLES)} or a list of them without repeats, "
                           f"got {pk.haystack!r}")
-    if pk.samples < 1 or cfg.eval.position_buckets < 1 or cfg.eval.tail_tokens < 1:
-        raise ConfigError("eval.passkey.samples, eval.position_buckets and eval.tail_tokens must be >= 1")
+    if min(pk.samples, pk.batch_tokens, cfg.eval.position_buckets, cfg.eval.tail_tokens) < 1:
+        raise ConfigError("eval.passkey.samples, eval.passkey.batch_tokens, eval.position_buckets and "
+                          "eval.tail_tokens must be >= 1")
     if cfg.logger.routing_stats_every < 0 or cfg.logger.routing_stats_queries < 1:
         raise ConfigError("logger.routing_stats_every must be >= 0 (0: off) and logger.routing_stats_queries >= 1")
     if cfg.logger.peak_tflops is not None and cfg.logger.peak_tflops <= 0:

@@ -160,7 +160,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path) -> EvalResult:
     lengths, skipped = passkey_lengths(pk.lengths or every_length, None, passkey_cap(cfg))
     for style in pk.haystacks if lengths else ():
         found = run_passkey(model, loaded.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
-                            haystacks=style)
+                            batch_tokens=pk.batch_tokens, haystacks=style)
         found.skipped_lengths = skipped
         result.passkey.append(found)
         metrics.append({"kind": "passkey", "step": 0, "stage": "eval", **asdict(found)})

@@ -105,9 +105,12 @@ def first_number(text: str) -> str | None:
 
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = 1, seed: int = 0,
-                synced_gpus: bool = False, haystacks: Haystacks | str = "lee") -> PasskeyResult:
-    """Every (length, depth, sample) trial, one haystack at a time. With ZeRO-3 every rank must call this
-    with the same arguments (and synced_gpus=True): the gathers of the partitioned weights are collectives."""
+                synced_gpus: bool = False, haystacks: Haystacks | str = "lee",
+                batch_tokens: int = 131072) -> PasskeyResult:
+    """Every (length, depth, sample) trial, one haystack at a time. The samples of one length and depth (same
+    number of tokens, so no padding) are generated together, up to `batch_tokens` prompt tokens at once.
+    With ZeRO-3 every rank must call this with the same arguments (and synced_gpus=True): the gathers of
+    the partitioned weights are collectives."""
     from transformers import GenerationConfig
 
     haystacks = Haystacks(tokenizer, haystacks) if isinstance(haystacks, str) else haystacks
@@ -122,16 +125,20 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
     trials = []
     try:
         for length in lengths:
+            batch = max(1, batch_tokens // length)
             for depth in depths:
-                for sample in range(samples):
-                    key = trial_key(seed, length, depth, sample)
-                    start = (sample * 7919 + length) % len(haystacks.sentences)
-                    ids = torch.tensor([haystacks.build(length, depth, key, start)], device=device)
+                for first in range(0, samples, batch):
+                    group = range(first, min(first + batch, samples))
+                    keys = [trial_key(seed, length, depth, sample) for sample in group]
+                    ids = torch.tensor([haystacks.build(length, depth, key, (sample * 7919 + length)
+                                                        % len(haystacks.sentences))
+                                        for key, sample in zip(keys, group)], device=device)
                     cache = MobaKVCache.for_model(model, length + gen.max_new_tokens)
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
                                          synced_gpus=synced_gpus, **{cache_keyword: cache})
-                    answer = tokenizer.decode(out[0, length:], skip_special_tokens=True)
-                    trials.append(PasskeyTrial(length, depth, key, answer, first_number(answer) == key))
+                    for row, key in zip(out, keys):
+                        answer = tokenizer.decode(row[length:], skip_special_tokens=True)
+                        trials.append(PasskeyTrial(length, depth, key, answer, first_number(answer) == key))
     finally:
         model.train(was_training)
     grid = [[_mean([t.correct for t in trials if t.length == n and t.depth == d]) for n in lengths] for d in depths]

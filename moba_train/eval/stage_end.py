@@ -112,7 +112,8 @@ def stage_passkey(ev: StageEvaluation) -> list[PasskeyResult]:
         apply_sequence_parallel(ev.lm, 1)
     try:
         results = [run_passkey(ev.lm, ev.tokenizer, lengths, pk.depths, samples=pk.samples, seed=pk.seed,
-                               synced_gpus=ev.zero3 and ev.world > 1, haystacks=style) for style in pk.haystacks]
+                               batch_tokens=pk.batch_tokens, synced_gpus=ev.zero3 and ev.world > 1,
+                               haystacks=style) for style in pk.haystacks]
     finally:
         if sp > 1:
             apply_sequence_parallel(ev.lm, sp)

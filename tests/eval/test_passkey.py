@@ -61,21 +61,47 @@ class KeyReader(torch.nn.Module):
         self.tokenizer = tokenizer
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(num_hidden_layers=1)
+        self.batches = []                            # the batch size of each generate call
 
     def forward(self, input_ids, cache=None):      # only its signature is read: the cache keyword
         raise NotImplementedError
 
     def generate(self, input_ids, attention_mask, generation_config, synced_gpus, cache):
         assert cache.get_max_length() == input_ids.shape[1] + generation_config.max_new_tokens
-        key = re.search(r"pass key is (\d+)", self.tokenizer.decode(input_ids[0])).group(1)
-        answer = self.tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
-        return torch.cat([input_ids, answer[:, :generation_config.max_new_tokens]], dim=1)
+        self.batches.append(input_ids.shape[0])
+        keys = [re.search(r"pass key is (\d+)", self.tokenizer.decode(row)).group(1) for row in input_ids]
+        n = generation_config.max_new_tokens
+        answers = [self.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"][:n] for key in keys]
+        pad = generation_config.pad_token_id
+        answers = torch.tensor([a + [pad] * (n - len(a)) for a in answers])   # generate pads finished rows
+        return torch.cat([input_ids, answers], dim=1)
 
 
 def test_scoring_counts_the_first_generated_number(lee_bpe, haystacks):
     result = run_passkey(KeyReader(lee_bpe), lee_bpe, [256, 512], [0.2, 0.8], samples=2, haystacks=haystacks)
     assert result.accuracy == 1.0 and result.accuracy_grid == [[1.0, 1.0], [1.0, 1.0]]
     assert all(t.correct and t.answer.strip().startswith(t.key) for t in result.trials)
+
+
+@pytest.mark.parametrize("batch_tokens,batches", [(256, [1] * 12), (512, [2, 1] * 4), (4096, [3] * 4)],
+                         ids=["one-at-a-time", "pairs", "all-samples"])
+def test_samples_of_a_length_and_depth_are_generated_together_up_to_batch_tokens(lee_bpe, haystacks, batch_tokens,
+                                                                                  batches):
+    reader = KeyReader(lee_bpe)
+    result = run_passkey(reader, lee_bpe, [256], [0.2, 0.4, 0.6, 0.8], samples=3, haystacks=haystacks,
+                         batch_tokens=batch_tokens)
+    assert reader.batches == batches
+    assert result.accuracy == 1.0 and len(result.trials) == 12
+    assert len({t.key for t in result.trials}) == 12          # every sample its own key, whatever the batching
+
+
+def test_batched_generation_answers_as_one_at_a_time_on_a_moba_model(lee_bpe, haystacks):
+    model = build_from_config(dict(model_type="llama", vocab_size=len(lee_bpe), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), seed=0)
+    attach_plan(model, AttentionPlan.from_config({"block_size": 64, "topk": 2, "moba_layers": "all"}, 2))
+    one, batched = (run_passkey(model, lee_bpe, [320], [0.3, 0.7], samples=3, haystacks=haystacks, batch_tokens=n)
+                    for n in (320, 960))
+    assert [(t.key, t.answer) for t in one.trials] == [(t.key, t.answer) for t in batched.trials]
 
 
 def test_tiny_moba_model_generates_and_the_result_has_the_grid_shape(lee_bpe, haystacks):

@@ -141,7 +141,6 @@ class MobaKVCache(Cache):
 
     def __init__(self, max_cache_len: int, num_layers: int):
         """`max_cache_len`: tokens per row, prompt and generated; `num_layers`: the model's decoder layers."""
-        self.max_cache_len = max_cache_len
         super().__init__(layers=[MobaKVLayer(max_cache_len) for _ in range(num_layers)])
 
     @classmethod

@@ -3,6 +3,7 @@
 #   make install                       the locked versions (locks/<platform>.txt)
 #   make install LOCK=none             the newest versions pyproject.toml allows instead
 #   make test-newest                   the transformers/DeepSpeed-facing tests on the newest allowed versions
+#   make test-floor                    the transformers-facing tests on the oldest transformers allowed
 #   make lock                          newest allowed versions -> full test suite -> new lock files
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -28,8 +29,11 @@ endif
 # The tests that meet transformers and DeepSpeed: what `make test-newest` runs on the newest versions.
 FACING_TESTS ?= tests/models tests/eval tests/trainer tests/distributed tests/tracking
 NEWEST_VENV ?= .venv-newest
+# The tests that meet transformers' model, attention and cache classes: what `make test-floor` runs.
+FLOOR_TESTS ?= tests/models tests/eval
+FLOOR_SITE ?= .floor-site
 
-.PHONY: install demo test lock test-newest
+.PHONY: install demo test lock test-newest test-floor
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(if $(filter none,$(LOCK)),,$(LOCK))
@@ -60,6 +64,13 @@ test-newest:
 	$(NEWEST_VENV)/bin/python tools/lock.py diff --python $(NEWEST_VENV)/bin/python
 	$(NEWEST_VENV)/bin/python -m pytest -q $(FACING_TESTS) || \
 	  $(NEWEST_VENV)/bin/python tools/lock.py blame --python $(NEWEST_VENV)/bin/python -- $(FACING_TESTS)
+
+# The oldest transformers pyproject.toml allows (the GPU image's 5.17) put before the locked venv: a user
+# whose transformers is older than the lock's, and every GPU run, import that one.
+test-floor: install
+	rm -rf $(FLOOR_SITE)
+	$(PY) tools/lock.py floor --python $(PY) --target $(FLOOR_SITE)
+	PYTHONPATH=$(FLOOR_SITE) $(PY) -m pytest -q $(FLOOR_TESTS)
 
 # A new lock: the newest allowed versions, the whole suite on them, and only then the lock files.
 lock:

@@ -4,6 +4,9 @@
     python tools/lock.py diff --python .venv-newest/bin/python   what a venv has that the lock does not
     python tools/lock.py blame --python .venv-newest/bin/python -- <pytest args>
                                                                  which newer package breaks those tests
+    python tools/lock.py floor --python .venv/bin/python --target .floor-site
+                                                                 the oldest transformers allowed (and what it
+                                                                 needs) into a folder to put before the venv
 
 Two files per platform (`py3.11-linux-x86_64`, say) in locks/:
   <platform>.txt       every package but the accelerator stack, as pip constraints (pip install -c)
@@ -30,6 +33,8 @@ ACCELERATOR_STACK = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*|cuda-.*
 FAST_MOVING = ["transformers", "deepspeed", "datasets", "hydra-core", "omegaconf", "triton", "wandb", "accelerate",
                "gguf", "tokenizers", "huggingface-hub", "safetensors"]
 PROJECT = "moba-train"
+# Installed at their declared floor by `make test-floor`: the GPU image's versions, older than the lock's.
+FLOOR_PACKAGES = ["transformers"]
 
 
 def norm(name: str) -> str:
@@ -140,15 +145,44 @@ def cmd_blame(args) -> None:
     sys.exit(1)
 
 
+def declared_floor(name: str) -> str:
+    """The `>=` bound pyproject.toml declares for a dependency."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        found = re.match(rf"^{re.escape(name)}\s*(\[.*?\])?\s*(.*)$", dep)
+        floor = found and re.search(r">=\s*([\w.]+)", found.group(2))
+        if floor:
+            return floor.group(1)
+    raise SystemExit(f"pyproject.toml declares no '>=' floor for {name}")
+
+
+def cmd_floor(args) -> None:
+    """Install FLOOR_PACKAGES at their declared floors, with whatever else of the venv they need changed, into
+    a folder (pip --target) that goes before the venv on PYTHONPATH: the venv itself stays as locked."""
+    specs = [f"{name}=={declared_floor(name)}" for name in FLOOR_PACKAGES]
+    report = subprocess.run([args.python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-",
+                             "--disable-pip-version-check", *specs], check=True, capture_output=True, text=True)
+    needed = [f"{item['metadata']['name']}=={item['metadata']['version']}"
+              for item in json.loads(report.stdout)["install"]]
+    subprocess.run([args.python, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                    "--target", args.target, *needed], check=True)
+    print(f"in {args.target} (before the venv on PYTHONPATH): {' '.join(needed)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("write", cmd_write), ("diff", cmd_diff), ("blame", cmd_blame), ("platform", None)):
+    for name, fn in (("write", cmd_write), ("diff", cmd_diff), ("blame", cmd_blame), ("floor", cmd_floor),
+                     ("platform", None)):
         p = sub.add_parser(name)
         p.add_argument("--python", default=sys.executable, help="the venv's python")
         if name == "blame":
             p.add_argument("--all", action="store_true", help="try every package, not only up to the first culprit")
             p.add_argument("pytest_args", nargs="*", help="the tests that failed (after --)")
+        if name == "floor":
+            p.add_argument("--target", required=True, help="the folder to install into")
         p.set_defaults(fn=fn)
     args = parser.parse_args()
     if args.command == "platform":

@@ -24,6 +24,7 @@ import platform
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,14 +148,13 @@ def cmd_blame(args) -> None:
 
 def declared_floor(name: str) -> str:
     """The `>=` bound pyproject.toml declares for a dependency."""
-    import tomllib
+    from packaging.requirements import Requirement   # in every venv of the project (transformers needs it)
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in deps:
-        found = re.match(rf"^{re.escape(name)}\s*(\[.*?\])?\s*(.*)$", dep)
-        floor = found and re.search(r">=\s*([\w.]+)", found.group(2))
-        if floor:
-            return floor.group(1)
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dep)
+        floors = [spec.version for spec in req.specifier if spec.operator == ">="]
+        if norm(req.name) == norm(name) and floors:
+            return floors[0]
     raise SystemExit(f"pyproject.toml declares no '>=' floor for {name}")
 
 

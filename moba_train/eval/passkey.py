@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moba_train.config.run import PasskeyConfig
 from moba_train.data.haystacks import STYLES
 from moba_train.models.hf_compat import model_cache_keyword
 from moba_train.models.kv_cache import MobaKVCache
@@ -106,7 +107,7 @@ def first_number(text: str) -> str | None:
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = 1, seed: int = 0,
                 synced_gpus: bool = False, haystacks: Haystacks | str = "lee",
-                batch_tokens: int = 131072) -> PasskeyResult:
+                batch_tokens: int = PasskeyConfig.batch_tokens) -> PasskeyResult:
     """Every (length, depth, sample) trial, one haystack at a time. The samples of one length and depth (same
     number of tokens, so no padding) are generated together, up to `batch_tokens` prompt tokens at once.
     With ZeRO-3 every rank must call this with the same arguments (and synced_gpus=True): the gathers of
@@ -130,9 +131,9 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
                 for first in range(0, samples, batch):
                     group = range(first, min(first + batch, samples))
                     keys = [trial_key(seed, length, depth, sample) for sample in group]
-                    ids = torch.tensor([haystacks.build(length, depth, key, (sample * 7919 + length)
-                                                        % len(haystacks.sentences))
-                                        for key, sample in zip(keys, group)], device=device)
+                    starts = [(sample * 7919 + length) % len(haystacks.sentences) for sample in group]
+                    ids = torch.tensor([haystacks.build(length, depth, key, start) for key, start in zip(keys, starts)],
+                                       device=device)
                     cache = MobaKVCache.for_model(model, length + gen.max_new_tokens)
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
                                          synced_gpus=synced_gpus, **{cache_keyword: cache})

@@ -137,3 +137,19 @@ def test_python_haystack_is_code_with_the_key_as_a_constant(lee_bpe, depth):
 def test_unknown_haystack_style_is_named(lee_bpe):
     with pytest.raises(ValueError, match="choose one of"):
         Haystacks(lee_bpe, "klingon")
+
+
+@pytest.mark.parametrize("written", [None, 1000], ids=["default", "user-set"])
+def test_the_batch_tokens_a_user_writes_are_the_ones_the_stage_end_generation_uses(monkeypatch, written):
+    from moba_train.config.run import PasskeyConfig, load_run_config
+    from moba_train.eval import stage_end
+    from tests.trainer.compose import compose_config
+
+    overrides = ["recipe=tiny", "eval.passkey.lengths=[256]"]
+    cfg = load_run_config(compose_config(overrides + ([f"eval.passkey.batch_tokens={written}"] if written else [])))
+    seen = []
+    monkeypatch.setattr(stage_end, "run_passkey",
+                        lambda *args, **kwargs: seen.append(kwargs["batch_tokens"]) or SimpleNamespace())
+    ev = SimpleNamespace(cfg=cfg, stage=cfg.stages[0], lm=None, tokenizer=None, zero3=False, world=1)
+    stage_end.stage_passkey(ev)
+    assert seen == [written or PasskeyConfig.batch_tokens] * len(cfg.eval.passkey.haystacks)

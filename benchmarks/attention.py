@@ -6,11 +6,12 @@ GPU, any shape:
     python benchmarks/attention.py --device cuda --dtype bf16 --lengths 32768 131072 --heads 32 8 --head-dim 128
 GPU, the settings of docs/benchmarks.md (all in one process, on one device):
     python benchmarks/attention.py --device cuda --dtype bf16 --settings a b c \
-        --backends sdpa-flash sdpa-cudnn flex triton
+        --backends sdpa-flash sdpa-cudnn fa4 flex triton
 
 TFLOP/s count the work each method must do: causal attention for SDPA, each query's own block
 (causal) plus its selected blocks for MoBA; 4 * D FLOPs per (query head, key) forward and 3.5x that
-for forward+backward (FlashAttention's convention). Prints a markdown table and writes JSON lines with --out.
+for forward+backward (FlashAttention's convention). `fa4` is FlashAttention-4's dense causal kernel (the
+full-attention layers' backend of that name, `pip install 'moba-train[fa4]'`), a baseline beside cuDNN. Prints a markdown table and writes JSON lines with --out.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from moba_train.ops import moba_attn_varlen
+from moba_train.ops.full_attn import full_attn_varlen
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SDPA_KERNELS = ("sdpa", "sdpa-flash", "sdpa-cudnn")
+DENSE = (*SDPA_KERNELS, "fa4")          # the dense causal baselines: their work is every earlier key
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ SETTINGS = {
 def work_flops(s: Setting, backend: str) -> float:
     """Forward FLOPs of the keys each query must see: causal for SDPA, own block + selected blocks for MoBA."""
     pos = torch.arange(s.length, dtype=torch.float64)
-    if backend in SDPA_KERNELS:
+    if backend in DENSE:
         keys = (pos + 1).sum()
     else:
         blk = torch.div(pos, s.block_size, rounding_mode="floor")
@@ -80,6 +83,8 @@ def attention_fn(backend: str, s: Setting, device: str):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
         return fn
     cu = torch.arange(0, s.batch + 1, dtype=torch.int32, device=device) * s.length
+    if backend == "fa4":
+        return lambda q, k, v: full_attn_varlen(q, k, v, cu, s.length, backend="fa4")
     return lambda q, k, v: moba_attn_varlen(q, k, v, cu, s.length, block_size=s.block_size, topk=s.topk, backend=backend)
 
 
@@ -239,7 +244,7 @@ def main():
 def print_table(rows, settings, args, header):
     print(f"\n{header['device']}, torch {torch.__version__}, {args.dtype}, {header['date']}"
           + (f", measured ceilings {header['ceilings']}" if "ceilings" in header else "") + "\n")
-    names = {"sdpa-cudnn": "cuDNN", "sdpa-flash": "FA2", "sdpa": "SDPA"}
+    names = {"sdpa-cudnn": "cuDNN", "sdpa-flash": "FA2", "fa4": "FA4", "sdpa": "SDPA"}
     baselines = [b for b in names if b in args.backends]
     speed_cols = [(b, m) for b in baselines for m in ("fwd", "fwd+bwd")]
     print("| setting | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |"

@@ -2,7 +2,8 @@
 
 The model's full-attention layers run `moba_train.ops.full_attn.full_attn_varlen`. Its `sdpa` backend
 calls torch SDPA once per document (cuDNN or FlashAttention per call); `varlen` makes one call over the
-whole pack (torch.nn.attention.varlen, FlashAttention). Which is faster depends on the pack: a few long
+whole pack (torch.nn.attention.varlen, FlashAttention); `flash` and `fa4` (FlashAttention-4, Hopper and
+Blackwell, head_dim 128) are one call per pack too, when installed. Which is faster depends on the pack: a few long
 documents or many short ones (code files, chat records). Forward + backward, median after warm-up:
 
     python benchmarks/full_attention.py --packs 1x32768 1x131072 16x2048 128x256 --backends sdpa varlen

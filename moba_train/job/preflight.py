@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from moba_train.config import RunConfig
 from moba_train.data import DataError
 from moba_train.data import check_stage_data as check_stage_data_config
@@ -75,10 +77,17 @@ def model_config(cfg: RunConfig):
 
 
 def check_architecture(cfg: RunConfig, config) -> None:
-    """Every stage's sequence parallelism against the heads, and its attention plan against the layers."""
+    """Every stage's sequence parallelism against the heads, its attention plan against the layers, and the
+    backends its plan names against this machine, the model's dtype and its head size."""
     from moba_train.distributed.ulysses import kv_replication
     from moba_train.models import AttentionPlan
+    from moba_train.models.attention import backend_choices
+    from moba_train.models.hf_compat import head_dim_of
 
+    from .model_setup import model_dtype, on_gpu
+
+    device = torch.device("cuda" if on_gpu() else "cpu")      # the type is what the backends depend on
+    dtype, head_dim = model_dtype(cfg), head_dim_of(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     for stage in cfg.stages:
@@ -88,9 +97,15 @@ def check_architecture(cfg: RunConfig, config) -> None:
             raise ConfigError(f"{stage.where}: {e} (the model has {heads} query heads); change "
                               f"stages[{stage.index}].sequence_parallel") from None
         try:
-            AttentionPlan.from_config(stage.attention, config.num_hidden_layers)
+            plan = AttentionPlan.from_config(stage.attention, config.num_hidden_layers)
         except ValueError as e:
             raise ConfigError(f"{stage.where} attention: {e}") from None
+        try:
+            backend_choices(plan, device, dtype, head_dim)
+        except (RuntimeError, ValueError) as e:     # a backend not installed, or not for this device/dtype/head size
+            raise ConfigError(f"{stage.where} attention: {e} (the model's head_dim is {head_dim}, dtype "
+                              f"{str(dtype).removeprefix('torch.')}); change stages[{stage.index}].attention or "
+                              f"the run's attention block") from None
     if cfg.model.tokenizer and not cfg.model.tokenizer.startswith("embedded:") \
             and not Path(cfg.model.tokenizer).expanduser().is_dir():
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer} is not a directory; give a local tokenizer "

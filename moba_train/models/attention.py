@@ -225,7 +225,7 @@ def backend_choices(plan: AttentionPlan, device: torch.device, dtype: torch.dtyp
     if "moba" in kinds:
         out["moba"] = MOBA_BACKENDS.resolve(plan.config.backend, device, dtype, head_dim).name
     if "full" in kinds:
-        name = FULL_ATTN_BACKENDS.resolve(plan.config.full_backend, device, dtype).name
+        name = FULL_ATTN_BACKENDS.resolve(plan.config.full_backend, device, dtype, head_dim).name
         if plan.config.full_backend == "auto" and name == "varlen":
             name += f" (sdpa per document when documents average >= {LONG_DOCUMENT} tokens)"
         out["full"] = name

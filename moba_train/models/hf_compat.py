@@ -6,6 +6,8 @@ version numbers, moba-train reads the name off each attention module's own `forw
 once, when a plan is attached; a module that takes none of the known names is refused there, with
 the names it does take, so that a future rename fails loudly instead of decoding without a cache.
 
+The head size: `head_dim_of` reads it the way every family's config states it.
+
 Activation checkpointing: 5.20 added `activation_checkpointing_enable` (every_n_layers, CPU offload) and
 deprecated `gradient_checkpointing_enable`; `enable_activation_checkpointing` takes whichever exists.
 """
@@ -98,5 +100,11 @@ def enable_activation_checkpointing(model, every_n_layers: int = 1, offload: boo
         layer.gradient_checkpointing = i % every_n_layers == 0
 
 
-__all__ = ["CACHE_KEYWORDS", "CacheArgument", "cache_argument", "enable_activation_checkpointing",
+def head_dim_of(config) -> int:
+    """A transformers config's attention head size: `head_dim` where the family states it (Gemma, Qwen3: not
+    hidden_size / heads), else hidden_size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+__all__ = ["CACHE_KEYWORDS", "head_dim_of", "CacheArgument", "cache_argument", "enable_activation_checkpointing",
            "model_cache_keyword", "output_cache"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moba_train.models import AttentionPlan
+from moba_train.models.hf_compat import head_dim_of
 from moba_train.schema import ConfigError
 
 from moba_train.config import RunConfig, Stage
@@ -117,7 +118,7 @@ def model_shape(config) -> tuple[Shape, object]:
     shape = Shape(params=params, layer_params=layer, largest_module_params=largest, layers=config.num_hidden_layers,
                   hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                  head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                  head_dim=head_dim_of(config),
                   vocab=config.vocab_size)
     return shape, config
 

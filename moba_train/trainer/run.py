@@ -37,6 +37,7 @@ from moba_train.job.preflight import check_stage_data, preflight
 from moba_train.job.stage_data import build_stream
 from moba_train.models import AttentionPlan, attach_plan, export_model, set_rope
 from moba_train.models.attention import backend_choices
+from moba_train.models.hf_compat import head_dim_of
 from moba_train.tracking import StepTiming, Tracker
 
 from . import checkpoint
@@ -257,7 +258,7 @@ def enter_stage(job: Job, stage: Stage) -> StageRun:
     stream = build_stream(cfg, stage, job.tokenizer, lay.dp_rank, lay.dp,
                           resume_state=None if fresh else state.data_state,
                           previous_stage_state=state.data_state if carried else None)
-    backends = backend_choices(plan, job.engine.device, model_dtype(cfg), _head_dim(job.lm))
+    backends = backend_choices(plan, job.engine.device, model_dtype(cfg), head_dim_of(job.lm.config))
     log.info("stage %s backends: %s", stage.name, ", ".join(f"{k}={v}" for k, v in backends.items()))
     if job.rank == 0:
         print(_transition_message(stage, plan, backends), flush=True)
@@ -414,17 +415,12 @@ def _evaluate_pending(job: Job, stage: Stage) -> StageSummary:
     stream = build_stream(job.cfg, stage, job.tokenizer, lay.dp_rank, lay.dp)
     if job.rank == 0:
         print(f"stage {stage.index} '{stage.name}' was trained and checkpointed; finishing its evaluation", flush=True)
-    backends = backend_choices(plan, job.engine.device, model_dtype(job.cfg), _head_dim(job.lm))
+    backends = backend_choices(plan, job.engine.device, model_dtype(job.cfg), head_dim_of(job.lm.config))
     schedule = " then ".join(plan.describe(p) for p in plan.phase_starts())
     run = StageRun(stage, plan, stream, 0, job.tracker.stage_summary(stage, schedule, backends), lay.dp_rank, lay.dp,
                    lay.sp_rank)
     _evaluate(job, run)
     return run.summary
-
-
-def _head_dim(lm) -> int:
-    c = lm.config
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 def run_stage(job: Job, stage: Stage) -> StageSummary:

@@ -82,7 +82,12 @@ def test_sequence_parallelism_that_does_not_divide_the_heads_fails_before_the_we
     (["trainer.grad_clp=2"], "unknown key 'trainer.grad_clp': trainer has no 'grad_clp' (did you mean 'grad_clip'?)"),
     (["stages.1.seqlen=512"], "stages.1 has no 'seqlen' (did you mean 'seq_len'?)"),
     (["eval.on_error=ignore"], "eval.on_error: 'ignore' is not one of ['continue', 'fail']"),
-], ids=["block-size-0", "missing-model-path", "typo-trainer", "typo-stage", "bad-choice"])
+    (["attention.full_backend=fa4"], "attention: full-attention backend 'fa4' is unavailable: FlashAttention-4 is not "
+                                     "installed; install it with `pip install 'moba-train[fa4]'`"),
+    (["+stages.2.attention.full_backend=varlen"], "stages[2] (sft) attention: full-attention backend 'varlen' is "
+                                                  "unavailable: no CUDA device"),
+], ids=["block-size-0", "missing-model-path", "typo-trainer", "typo-stage", "bad-choice", "fa4-not-installed",
+        "last-stage-backend-without-cuda"])
 @pytest.mark.timeout(120)
 def test_bad_values_get_one_line_naming_the_fix(tmp_path, overrides, message):
     assert message in fails_before_training(tmp_path / "run", [*TINY, *overrides], seconds=30)

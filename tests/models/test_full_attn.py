@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from moba_train.ops import moba_attn_varlen
 from moba_train.ops.full_attn import full_attn_varlen
+from moba_train.ops.moba.registry import module_installed
 
 PACKS = {"one-doc-33": (33,), "3-docs": (5, 17, 9), "tiny-docs-then-long": (1, 1, 2, 1, 20), "doc-of-1": (1,)}
 HEADS = {"mha-2/2": (2, 2), "gqa2-4/2": (4, 2), "gqa3-6/2": (6, 2), "gqa8-8/1": (8, 1)}
@@ -92,11 +92,11 @@ def test_auto_picks_sdpa_on_cpu_and_logs_it(caplog):
 
 def test_unknown_backend_lists_the_choices():
     q, k, v, cu = make((8,), 2, 2)
-    with pytest.raises(ValueError, match=r"unknown full-attention backend 'nope'; choose one of \['auto', 'flash', 'sdpa', 'varlen'\]"):
+    with pytest.raises(ValueError, match=r"unknown full-attention backend 'nope'; choose one of \['auto', 'fa4', 'flash', 'sdpa', 'varlen'\]"):
         full_attn_varlen(q, k, v, cu, 8, backend="nope")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+@pytest.mark.skipif(module_installed("flash_attn.flash_attn_interface"), reason="flash-attn is installed here")
 def test_flash_without_flash_attn_names_the_install_command():
     q, k, v, cu = make((8,), 2, 2)
     with pytest.raises(RuntimeError, match=r"pip install moba-train\[flash\]"):

@@ -122,7 +122,7 @@ def test_omegaconf_config_and_structured_schema():
     ({**BASE, "phases": [{"until": 1.0, "layers": "all"}]}, 4, r"unknown key 'layers' in attention plan phases\[0\]"),
     ({**BASE, "backend": "leen", "moba_layers": "all"}, 4, r"backend must be one of \['auto', .*'lean'.*\], got 'leen'"),
     ({**BASE, "full_backend": "flash2", "moba_layers": "all"}, 4,
-     r"full_backend must be one of \['auto', 'flash', 'sdpa', 'varlen'\], got 'flash2'"),
+     r"full_backend must be one of \['auto', 'fa4', 'flash', 'sdpa', 'varlen'\], got 'flash2'"),
     ({**BASE, "moba_layers": "all"}, 0, "num_layers must be an int >= 1"),
 ], ids=["typo-key", "neither", "both", "topk-0", "block-0", "block-float", "index-too-big", "index-too-negative",
         "duplicate", "all-but-too-many", "bad-mapping", "bad-word", "no-phases", "not-ending-at-1", "not-increasing",

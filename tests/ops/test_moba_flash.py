@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from moba_train.ops import moba_attn_varlen
 from moba_train.ops.moba import BACKENDS, flash
-from moba_train.ops.moba.registry import resolve
+from moba_train.ops.moba.registry import module_installed, resolve
 from tests.ops.test_moba import TOL, Pack, assert_close, make_inputs, run
 
 # --------------------------------------------------------------------------- the stand-in
@@ -272,7 +272,7 @@ def test_two_varlen_calls_each_way_and_kv_never_repeated_per_query_head(standin)
 # --------------------------------------------------------------------------- unavailable, refused
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+@pytest.mark.skipif(module_installed("flash_attn.flash_attn_interface"), reason="flash-attn is installed here")
 def test_without_flash_attn_the_backend_names_the_install_command():
     pack = PACKS["3docs-ragged-bs16"]
     q, k, v = make_inputs(pack, 4, 2)

@@ -22,7 +22,6 @@ flash-attn is reached only through `_fa_forward` / `_fa_backward`, which adapt t
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import inspect
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import BlockLayout
+from .registry import module_installed
 from .routing import select_blocks
 
 SUPPORTED = "flash-attn 2.6.x (window_size=(left, right)) and 2.7.x-2.8.x (window_size_left/right)"
@@ -55,7 +55,7 @@ def missing() -> str | None:
     try:
         _load_flash_attn()
     except ImportError as err:
-        if importlib.util.find_spec("flash_attn") is None:
+        if not module_installed("flash_attn.flash_attn_interface"):
             return "flash-attn is not installed: pip install 'moba-train[flash]' on a CUDA machine, or use backend='triton'"
         return (f"flash-attn is installed but does not import ({err}): reinstall it built against torch "
                 f"{torch.__version__} (pip install --no-build-isolation --force-reinstall 'flash-attn>=2.6'), "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -9,6 +10,16 @@ from typing import Callable
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def module_installed(name: str) -> bool:
+    """Whether `name` (e.g. "flash_attn.flash_attn_interface") can be found, without importing it. A dotted name
+    is needed where two packages share a namespace: flash-attn-4 installs `flash_attn.cute` alone, so a bare
+    `flash_attn` is found with no flash-attn 2 in it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:                     # a parent package is missing
+        return False
 
 
 @dataclass(frozen=True)
@@ -21,9 +32,20 @@ class Backend:
     summary: str = ""
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     max_head_dim: int | None = None     # the largest head_dim its kernels take (None: any)
+    head_dims: tuple[int, ...] | None = None  # the only head_dims its kernels take (None: any up to max_head_dim)
 
     def takes_head_dim(self, head_dim: int | None) -> bool:
-        return head_dim is None or self.max_head_dim is None or head_dim <= self.max_head_dim
+        if head_dim is None:
+            return True
+        if self.head_dims is not None and head_dim not in self.head_dims:
+            return False
+        return self.max_head_dim is None or head_dim <= self.max_head_dim
+
+    def head_dim_rule(self) -> str:
+        """What `takes_head_dim` accepts, for error messages: "head_dim <= 256", "head_dim in (128,)"."""
+        rules = ([f"head_dim in {self.head_dims}"] if self.head_dims is not None else []) + \
+                ([f"head_dim <= {self.max_head_dim}"] if self.max_head_dim is not None else [])
+        return " and ".join(rules) or "any head_dim"
 
 
 class BackendRegistry(dict):
@@ -61,7 +83,7 @@ class BackendRegistry(dict):
                                f"move the tensors or use backend='auto'")
         if not backend.takes_head_dim(head_dim):
             others = sorted(b.name for b in self.values() if b.takes_head_dim(head_dim) and device.type in b.devices)
-            raise RuntimeError(f"{self.kind} backend {name!r} takes head_dim <= {backend.max_head_dim}, not {head_dim}; "
+            raise RuntimeError(f"{self.kind} backend {name!r} takes {backend.head_dim_rule()}, not {head_dim}; "
                                f"use one of {others} or backend='auto'")
         if dtype is not None and dtype not in backend.dtypes:
             others = sorted(b.name for b in self.values() if dtype in b.dtypes and device.type in b.devices)

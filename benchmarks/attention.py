@@ -256,7 +256,8 @@ def print_table(rows, settings, args, header):
             f, b = by.get((s.name, backend, "fwd"), {}), by.get((s.name, backend, "fwd+bwd"), {})
             if not f and not b:
                 continue
-            cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else r.get("skipped", "-")
+            # why a case did not run goes in its time cell alone
+            cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else r.get("skipped", "-") if key == "ms" else "-"
 
             def speed(base_backend, mode):
                 r = f if mode == "fwd" else b

@@ -11,9 +11,10 @@ tokens (Mohtashami & Jaggi, 2023, with real text instead of repeated filler). Tw
       assert PASS_KEY ==
 
 The key sits at the unit boundary nearest to `depth` (0 = start of the filler, 1 = end). The model
-generates greedily (`model.generate` over moba-train's in-place `MobaKVCache`, so MoBA layers decode over their KV cache as they do at
-inference); a trial is correct when the first number it writes is the key. Keys come from Python's
-`random` seeded by (seed, length, depth, sample), so the training RNG streams are never touched.
+generates greedily (`model.generate` over moba-train's in-place `MobaKVCache`, so MoBA layers decode over
+their KV cache as they do at inference); a trial is correct when the first number it writes is the key.
+Keys come from Python's `random` seeded by (seed, length, depth, sample), so the training RNG streams are
+never touched.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def first_number(text: str) -> str | None:
 
 
 @torch.no_grad()
-def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = 1, seed: int = 0,
-                synced_gpus: bool = False, haystacks: Haystacks | str = "lee",
+def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = PasskeyConfig.samples,
+                seed: int = PasskeyConfig.seed, synced_gpus: bool = False, haystacks: Haystacks | str = "lee",
                 batch_tokens: int = PasskeyConfig.batch_tokens) -> PasskeyResult:
     """Every (length, depth, sample) trial, one haystack at a time. The samples of one length and depth (same
     number of tokens, so no padding) are generated together, up to `batch_tokens` prompt tokens at once.

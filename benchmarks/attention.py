@@ -256,8 +256,10 @@ def print_table(rows, settings, args, header):
             f, b = by.get((s.name, backend, "fwd"), {}), by.get((s.name, backend, "fwd+bwd"), {})
             if not f and not b:
                 continue
-            # why a case did not run goes in its time cell alone
-            cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else r.get("skipped", "-") if key == "ms" else "-"
+            def cell(r, key, fmt):
+                if key in r:
+                    return fmt.format(r[key])
+                return r.get("skipped", "-") if key == "ms" else "-"   # why a case did not run: its time cell alone
 
             def speed(base_backend, mode):
                 r = f if mode == "fwd" else b

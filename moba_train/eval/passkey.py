@@ -108,7 +108,8 @@ def first_number(text: str) -> str | None:
 @torch.no_grad()
 def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, samples: int = PasskeyConfig.samples,
                 seed: int = PasskeyConfig.seed, synced_gpus: bool = False,
-                haystacks: Haystacks | str = PasskeyConfig.haystack, batch_tokens: int = PasskeyConfig.batch_tokens) -> PasskeyResult:
+                haystacks: Haystacks | str = PasskeyConfig.haystack,
+                batch_tokens: int = PasskeyConfig.batch_tokens) -> PasskeyResult:
     """Every (length, depth, sample) trial, one haystack at a time. The samples of one length and depth (same
     number of tokens, so no padding) are generated together, up to `batch_tokens` prompt tokens at once.
     With ZeRO-3 every rank must call this with the same arguments (and synced_gpus=True): the gathers of

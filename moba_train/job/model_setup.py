@@ -21,6 +21,11 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def compute_device() -> torch.device:
+    """Where this process computes: its current GPU (the engine sets it from LOCAL_RANK) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
 def model_dtype(cfg: RunConfig) -> torch.dtype:
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if on_gpu() else torch.float32   # bf16 matmuls are ~150x slower on AVX2 CPUs

@@ -70,3 +70,38 @@ def test_bad_checkpoint_path_is_refused_with_the_fix(tmp_path):
 def test_invalid_invocations(tmp_path, args, message):
     res = moba_train(["recipe=tiny", *args], tmp_path, check=False)
     assert res.returncode != 0 and message in res.stderr
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_model_is_evaluated_on_the_process_compute_device(tmp_path, monkeypatch):
+    """The weights load on the CPU; on a GPU machine the evaluation must not stay there (it ran bf16 on the CPU).
+    Here the compute device is the meta device, so the move is visible without a GPU."""
+    import torch
+
+    from moba_train.config.run import load_run_config
+    from moba_train.eval import evaluate
+    from tests.trainer.compose import compose_config
+
+    seen = {}
+
+    def first_evaluation(module, *args, **kwargs):
+        seen["device"] = next(module.parameters()).device
+        raise _Stop
+
+    monkeypatch.setattr(evaluate, "compute_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(evaluate, "evaluate_position_loss", first_evaluation)
+    cfg = load_run_config(compose_config([*FAST, f"paths.output_dir={tmp_path}"]))
+    with pytest.raises(_Stop):
+        evaluate.evaluate_checkpoint(cfg, evaluate.Path(evaluate.BASE))
+    assert seen["device"] == torch.device("meta")
+    assert records(tmp_path / "eval" / "metrics.jsonl", "eval_source")[0]["device"] == "meta"
+
+
+@pytest.mark.gpu
+def test_mode_eval_runs_on_the_gpu(tmp_path):
+    res = moba_train([*FAST, "mode=eval", "checkpoint=base", f"paths.output_dir={tmp_path / 'base'}"], tmp_path)
+    assert " on cuda:0;" in res.stdout
+    assert records(tmp_path / "base" / "eval" / "metrics.jsonl", "eval_source")[0]["device"] == "cuda:0"

@@ -188,13 +188,15 @@ def stage_end_rows(arms: dict[str, Arm]) -> list[dict]:
             row = {"stage": stage, "arm": arm.name, "seq_len": ev["seq_len"], "val_loss": ev["mean_loss"],
                    "tail_loss": ev["tail_loss"], "tail_window": ev["tail_window"], "last_bucket": _last_bucket(ev),
                    "passkey": point.passkey_accuracy(), "passkey_by_length": point.passkey_by_length(),
-                   "train_tokens": end.get("tokens"), "seconds": end.get("seconds")}
+                   "train_tokens": end.get("tokens"), "seconds": end.get("seconds"), "finished": bool(end)}
             if ref is not None and ref.eval is not None and arm.name != "full":
                 row["val_vs_full"] = _relative(ev["mean_loss"], ref.eval["mean_loss"])
                 row["tail_vs_full"] = _relative(ev["tail_loss"], ref.eval["tail_loss"])
                 row["last_bucket_vs_full"] = _relative(row["last_bucket"], _last_bucket(ref.eval))
                 mine, theirs = row["passkey_by_length"], ref.passkey_by_length()
-                checks = {"passkey >= full at every length": all(mine.get(n, -1) >= a for n, a in theirs.items()),
+                # None: not measured (a run stopped during its stage-end evaluations), neither met nor missed
+                checks = {"passkey >= full at every length": all(mine.get(n, -1) >= a for n, a in theirs.items())
+                          if mine else None,
                           "val loss within 1%": row["val_vs_full"] is not None and row["val_vs_full"] <= LOSS_TOLERANCE}
                 if last_stage:
                     checks["last-bucket loss within 1%"] = (row["last_bucket_vs_full"] is not None
@@ -244,18 +246,32 @@ def _tokens(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
 
 
+def _count(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _verdict(targets: dict[str, bool | None]) -> str:
+    if all(ok is True for ok in targets.values()):
+        return "**met**"
+    missed = [k for k, ok in targets.items() if ok is False]
+    unmeasured = [k for k, ok in targets.items() if ok is None]
+    return "; ".join(filter(None, ["missed: " + "; ".join(missed) if missed else "",
+                                   "not measured: " + "; ".join(unmeasured) if unmeasured else ""]))
+
+
 def stage_end_table(rows: list[dict]) -> str:
     out = ["| stage | arm | val loss | vs full | tail loss (last N) | vs full | last bucket vs full | passkey by length "
            "| targets | train tokens | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         by_length = ", ".join(f"{_tokens(n)} {_acc(a)}" for n, a in r["passkey_by_length"].items()) or "-"
         targets = r.get("targets")
-        verdict = "" if targets is None else ("**met**" if all(targets.values()) else
-                                              "missed: " + "; ".join(k for k, ok in targets.items() if not ok))
+        verdict = "" if targets is None else _verdict(targets)
+        if not r["finished"]:
+            verdict = "; ".join(filter(None, [verdict, "stage end not recorded (the run stopped in its evaluations)"]))
         out.append(f"| {r['stage']} ({r['seq_len']:,}) | {r['arm']} | {_num(r['val_loss'])} | {_pct(r.get('val_vs_full'))} "
                    f"| {_num(r['tail_loss'])} ({r['tail_window'] or 0:,}) | {_pct(r.get('tail_vs_full'))} "
-                   f"| {_pct(r.get('last_bucket_vs_full'))} | {by_length} | {verdict} | {r['train_tokens'] or 0:,} "
-                   f"| {r['seconds'] or 0:.0f} |")
+                   f"| {_pct(r.get('last_bucket_vs_full'))} | {by_length} | {verdict} | {_count(r['train_tokens'])} "
+                   f"| {_count(r['seconds'])} |")
     return "\n".join(out)
 
 
@@ -270,7 +286,7 @@ def recovery_table(arms: dict[str, Arm], found: dict[str, dict]) -> str:
     rows = []
     if any(a.untrained for a in arms.values()):
         rows.append("| untrained, every length | " + " | ".join(
-            ", ".join(f"{_tokens(n)} {_acc(v)}" for n, v in a.untrained.passkey_by_length().items())
+            ", ".join(f"{_tokens(n)} {_acc(v)}" for n, v in a.untrained.passkey_by_length().items()) or "-"
             if a.untrained else "-" for a in arms.values()) + " |")
     for label in labels:
         cells = [next((_acc(acc) for lab, _, acc in found[n]["series"] if lab == label), "-") for n in names]

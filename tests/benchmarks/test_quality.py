@@ -99,6 +99,27 @@ def test_the_study_runs_its_arms_and_untrained_baselines_end_to_end(tmp_path, mo
         assert sorted(untrained.passkey) == ["lee", "python"] and sorted(untrained.eval) == ["ctx32k", "ctx8k"]
 
 
+def test_an_arm_stopped_in_its_stage_end_evaluations_is_neither_met_nor_missed_on_what_was_not_measured(
+        tmp_path, capsys):
+    """The machine went back while the MoBA arm ran its last passkey: its loss is there, its passkey and its
+    stage_end record are not. The report says so instead of counting 0 tokens and a missed passkey target."""
+    write_arm(tmp_path, "full", [0.6, 0.6, 0.7, 0.5], val=2.00, last_bucket=2.00)
+    write_arm(tmp_path, "moba", [0.6, 0.6, 0.7, 0.5], val=2.10, last_bucket=2.00)
+    path = tmp_path / "moba" / "metrics.jsonl"
+    kept = [r for r in map(json.loads, path.read_text().splitlines())
+            if not (r.get("stage_index") == 1 and r["kind"] in ("passkey", "stage_end"))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    result = quality.report(tmp_path, ["full", "moba"], plots_dir=None)
+    rows = {(r["stage"], r["arm"]): r for r in result["stage_ends"]}
+    assert rows["ctx32k", "moba"]["targets"] == {"passkey >= full at every length": None,
+                                                 "val loss within 1%": False, "last-bucket loss within 1%": True}
+    assert rows["ctx32k", "moba"]["finished"] is False and rows["ctx8k", "moba"]["finished"] is True
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| ctx32k (32,768) | moba"))
+    assert ("missed: val loss within 1%; not measured: passkey >= full at every length; stage end not recorded"
+            in line)
+    assert line.endswith("| - | - |")
+
+
 def test_an_arm_the_study_does_not_have_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--recipe", "smollm2_moba", "--report", "/nonexistent", "--arms", "hybrid"])

@@ -36,6 +36,8 @@ class SourceConfig:
     sample_by: str = "document"                  # format text: what one document is: document | line | paragraph
     streaming: bool = False                      # parquet/hub: read without materializing an Arrow copy
     max_documents: int | None = None             # stop reading after this many usable documents
+    max_compression_ratio: float | None = None   # skip text documents zlib shrinks more than this (generated
+                                                 # tables, data dumps: code is ~4-6x, such files 10-25x)
     holdout_fraction: float = 0.02               # documents held out for validation (by index, seed-free)
 
 
@@ -111,6 +113,9 @@ def check_data_config(cfg: DataConfig, where: str = "data", used: list[str] | No
             raise ConfigError(f"{at}.holdout_fraction must be in [0, 1), got {src.holdout_fraction}")
         if src.max_documents is not None and src.max_documents < 1:
             raise ConfigError(f"{at}.max_documents must be >= 1 or null, got {src.max_documents}")
+        if src.max_compression_ratio is not None and src.max_compression_ratio <= 1:
+            raise ConfigError(f"{at}.max_compression_ratio must be > 1 or null (keep every document), got "
+                              f"{src.max_compression_ratio}; ordinary code and prose compress 3-6x")
         if (src.prompt_field is None) != (src.response_field is None):
             raise ConfigError(f"{at}: instruction records need both prompt_field and response_field")
         if src.messages_field is not None and src.prompt_field is not None:

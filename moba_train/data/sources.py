@@ -15,6 +15,7 @@ import gzip
 import json
 import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -45,11 +46,21 @@ def register(fmt: SourceFormat) -> None:
 
 def read_records(name: str, src: SourceConfig, skips: SkipLog) -> Iterator[tuple]:
     """The usable records of a source, in order, up to `max_documents`."""
+    limit = src.max_compression_ratio
     for record, where in FORMATS[src.format].read(src, skips):
+        if limit is not None and isinstance(record, str) and compression_ratio(record) > limit:
+            skips.skip(f"compresses more than {limit:g}x (max_compression_ratio)", where)
+            continue
         skips.kept += 1
         yield record, where
         if src.max_documents is not None and skips.kept >= src.max_documents:
             return
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes (level 6): how repetitive a document is."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data, 6)) if data else 1.0
 
 
 def is_chat(src: SourceConfig) -> bool:

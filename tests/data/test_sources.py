@@ -66,6 +66,29 @@ def test_text_by_line_and_max_documents(files):
     assert records(SourceConfig(format="jsonl", path=str(files / "docs.jsonl"), max_documents=2)) == DOCS[:2]
 
 
+def test_documents_that_compress_too_well_are_counted_skips(tmp_path):
+    """A generated table (one row repeated) is left out under max_compression_ratio; ordinary text is kept."""
+    from moba_train.data.sources import compression_ratio
+
+    prose = " ".join(f"word{i * 7919 % 1000}" for i in range(400))
+    table = "".join(f"    ({i % 4}, 'x', 0.5),\n" for i in range(2000))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (prose, table, prose)))
+    assert compression_ratio(prose) < 4 < 20 < compression_ratio(table)
+    src = SourceConfig(format="jsonl", path=str(tmp_path / "docs.jsonl"), max_compression_ratio=10)
+    skips = SkipLog("t")
+    assert [r for r, _ in read_records("t", src, skips)] == [prose, prose]
+    assert skips.counts == {"compresses more than 10x (max_compression_ratio)": 1}
+    assert skips.examples[next(iter(skips.counts))] == [f"{tmp_path / 'docs.jsonl'}:2"]
+    assert records(SourceConfig(format="jsonl", path=str(tmp_path / "docs.jsonl"))) == [prose, table, prose]
+
+
+def test_a_compression_limit_at_or_below_one_is_refused_with_the_fix():
+    from moba_train.data import parse_data_config
+
+    with pytest.raises(ConfigError, match=r"data.sources.code.max_compression_ratio must be > 1 or null"):
+        parse_data_config({"sources": {"code": {"format": "python_stdlib", "max_compression_ratio": 1}}})
+
+
 def test_hub_without_network_names_the_source_and_the_way_out(tmp_path):
     src = SourceConfig(format="hub", hub="nobody/no-such-dataset-xyz")
     with pytest.raises(Exception, match="local copy"):

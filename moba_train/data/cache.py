@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 NOT_IN_KEY = ("holdout_fraction", "streaming")   # they change neither the documents nor their tokens
+# Fields added after CACHE_VERSION 1, keyed only when set: at their defaults they keep existing caches valid.
+KEYED_WHEN_SET = {"max_compression_ratio": None}
 
 
 @dataclass
@@ -70,6 +72,12 @@ def token_dtype(tokenizer) -> np.dtype:
                     else np.uint32)
 
 
+def source_key_fields(src: SourceConfig) -> dict:
+    """The source's settings that its cache depends on."""
+    return {k: v for k, v in dataclasses.asdict(src).items()
+            if k not in NOT_IN_KEY and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}
+
+
 def cache_key(name: str, src: SourceConfig, tokenizer, data: DataConfig) -> tuple[str, EncoderSpec, str | None]:
     """The key, what the workers need, and the chat template (chats only)."""
     chat = sources.is_chat(src)
@@ -78,7 +86,7 @@ def cache_key(name: str, src: SourceConfig, tokenizer, data: DataConfig) -> tupl
     template = resolve_chat_template(tokenizer, data.chat_template) if chat else None
     material = {
         "version": CACHE_VERSION,
-        "source": {k: v for k, v in dataclasses.asdict(src).items() if k not in NOT_IN_KEY},
+        "source": source_key_fields(src),
         "data": sources.FORMATS[src.format].identity(src),
         "tokenizer": hashlib.sha256(spec.tokenizer_json.encode()).hexdigest(),
         "eos_id": spec.eos_id,

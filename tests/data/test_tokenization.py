@@ -66,6 +66,11 @@ def test_cache_key_follows_data_tokenizer_and_settings(lee_bpe, smollm2, tmp_pat
     no_eos = open_source("t", source(path), lee_bpe, DataConfig(num_proc=1, append_eos=False), cache)
     assert len({base, other_tok, no_eos.directory}) == 3
     assert no_eos.offsets[-1] == open_source("t", source(path), lee_bpe, DataConfig(num_proc=1), cache).offsets[-1] - 10
+    filtered = open_source("t", source(path, max_compression_ratio=50.0), lee_bpe, DataConfig(num_proc=1), cache)
+    assert filtered.directory != base                     # a filter that is set is part of the key ...
+    assert "max_compression_ratio" not in cache_module.source_key_fields(source(path))   # ... unset, caches made
+    assert set(cache_module.source_key_fields(source(path, max_compression_ratio=50.0))) == (  # before it stay valid
+        set(cache_module.source_key_fields(source(path))) | {"max_compression_ratio"})
     jsonl(tmp_path / "d.jsonl", embedded.lee_articles()[:11])       # the data changed
     changed = open_source("t", source(path), lee_bpe, DataConfig(num_proc=1), cache)
     assert changed.directory != base and changed.n_docs == 11

@@ -170,7 +170,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, nargs=2, default=[8, 2], metavar=("HQ", "HKV"))
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64], help="one or more: a setting per head dim")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["sdpa", "naive", "lean"])
@@ -199,8 +199,8 @@ def main():
     if args.settings:
         settings = [s for name in args.settings for s in SETTINGS[name]]
     else:
-        settings = [Setting(f"{n}", n, args.batch, tuple(args.heads), args.head_dim, args.block_size, args.topk,
-                            tuple(args.modes)) for n in args.lengths]
+        settings = [Setting(f"{n}" if len(args.head_dim) == 1 else f"{n} D{d}", n, args.batch, tuple(args.heads), d,
+                            args.block_size, args.topk, tuple(args.modes)) for d in args.head_dim for n in args.lengths]
     header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__,
               "triton_tiles": args.triton_tiles,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()}

@@ -5,7 +5,9 @@ PyTorch ops (`moba`) or by the fused Triton kernel (`moba-triton`, decode_backen
 Two levels per context length L:
   attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
              the decode mode changes. For `moba` the first call, which builds the block means from the
-             whole cache, is reported apart ("state build").
+             whole cache, is reported apart ("state build"). ms/token synchronises after every step (host
+             time included); "pipelined" issues --steps steps back to back and synchronises once; "graph" (CUDA)
+             replays one step captured in a CUDA graph: the device's time alone.
   model      a whole decoding step of a randomly initialised decoder (forward of one token, every layer
              MoBA) after a MoBA prefill of L tokens: what generate() pays per token, with each KV cache
              class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
@@ -88,19 +90,49 @@ def bench_attention(L: int, mode: str, args) -> dict:
     dtype, dev = DTYPES[args.dtype], args.device
     hq, hkv = args.heads
     g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, hq, 1, args.head_dim, generator=g, device=dev, dtype=dtype)
-    k, v = (torch.randn(1, hkv, L, args.head_dim, generator=g, device=dev, dtype=dtype) for _ in range(2))
+    q = torch.randn(args.batch, hq, 1, args.head_dim, generator=g, device=dev, dtype=dtype)
+    k, v = (torch.randn(args.batch, hkv, L, args.head_dim, generator=g, device=dev, dtype=dtype) for _ in range(2))
     layer = LayerAttention("moba", args.block_size, args.topk, "auto", **layer_settings(mode))
     means = BlockMeans(args.block_size) if mode != "full" else None
+
+    def step():
+        return attend_cached(q, k, v, None, layer, None, means)
+
     with torch.no_grad():
-        build = timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev)
+        build = timed(step, dev)
         for _ in range(args.warmup):
-            attend_cached(q, k, v, None, layer, None, means)
+            step()
         reset_peak(dev)
-        times = [timed(lambda: attend_cached(q, k, v, None, layer, None, means), dev) for _ in range(args.steps)]
+        times = [timed(step, dev) for _ in range(args.steps)]
+        # Steps issued back to back, one synchronisation at the end: what a decoding loop that does not wait on
+        # each step pays (the larger of the host's launch time and the device's time).
+        pipelined = timed(lambda: [step() for _ in range(args.steps)], dev) / args.steps
+        graph = graph_seconds(step, args) if dev == "cuda" else None
     ms = 1e3 * statistics.median(times)
     return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+            "pipelined_ms": 1e3 * pipelined, "graph_ms": None if graph is None else 1e3 * graph,
             "state_build_ms": 1e3 * build if mode != "full" else None, "peak_gib": peak_gib(dev)}
+
+
+def graph_seconds(step, args) -> float:
+    """Device time of one step replayed from a CUDA graph (no host work in it): median over --steps replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                        # warm-up on a side stream, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
 
 
 def plan_for(model, mode: str, args) -> AttentionPlan:
@@ -113,7 +145,7 @@ def bench_model(L: int, args) -> list[dict]:
     cfg = {**MODELS[args.model], "max_position_embeddings": L + args.warmup + args.steps + 16}
     model = build_from_config(cfg, dtype=DTYPES[args.dtype], seed=0).to(dev).eval()
     g = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, cfg["vocab_size"], (1, L + args.warmup + args.steps), generator=g).to(dev)
+    ids = torch.randint(0, cfg["vocab_size"], (args.batch, L + args.warmup + args.steps), generator=g).to(dev)
     attach_plan(model, plan_for(model, "moba", args))
     rows = []
     cache_kw = model_cache_keyword(model)
@@ -169,6 +201,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128, help="attention level")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="rows decoding together (both levels)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed decoding steps (the median is reported)")
     p.add_argument("--out", help="append JSON lines here")
@@ -185,7 +218,7 @@ def main():
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__, "device": device_name,
-              "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk}
+              "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk, "batch": args.batch}
     print(f"# {json.dumps(header)}")
     print(f"attention level: heads {args.heads[0]}/{args.heads[1]} x {args.head_dim}; model level: {args.model}")
     if "attention" in args.levels:
@@ -193,19 +226,24 @@ def main():
         # (lazy inits; on CPU, glibc's mmap threshold, which rises only once large blocks have been freed).
         for mode in args.modes:
             bench_attention(max(args.contexts), mode, args)
-    print("| context | level | decode | ms/token | tokens/s | vs full | state build ms | prefill s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| context | level | decode | ms/token | tokens/s | vs full | pipelined ms | graph ms | graph vs full "
+          "| state build ms | prefill s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for L in args.contexts:
         rows = []
         if "attention" in args.levels:
             rows += [bench_attention(L, mode, args) for mode in args.modes]
         if "model" in args.levels:
             rows += bench_model(L, args)
-        full = {r["level"]: r["ms_per_token"] for r in rows if r["decode"] == "full"}
+        full = {r["level"]: r for r in rows if r["decode"] == "full"}
         for r in rows:
-            ratio = f"{full[r['level']] / r['ms_per_token']:.2f}x" if r["level"] in full else ""
+            base = full.get(r["level"])
+            ratio = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base else ""
+            graph_ratio = f"{base['graph_ms'] / r['graph_ms']:.2f}x" if base and r.get("graph_ms") else ""
             cells = [f"{L // 1024}K" if L % 1024 == 0 else str(L), r["level"], r["decode"], f"{r['ms_per_token']:.3f}",
                      f"{r['tokens_per_s']:.0f}", ratio,
+                     "" if r.get("pipelined_ms") is None else f"{r['pipelined_ms']:.3f}",
+                     "" if r.get("graph_ms") is None else f"{r['graph_ms']:.3f}", graph_ratio,
                      "" if r.get("state_build_ms") is None else f"{r['state_build_ms']:.1f}",
                      "" if r.get("prefill_s") is None else f"{r['prefill_s']:.2f}",
                      "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"]

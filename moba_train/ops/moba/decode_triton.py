@@ -1,16 +1,23 @@
-"""One fused Triton kernel for a sparse MoBA decoding step: gate, top-k and attention in one launch per layer.
+"""A sparse MoBA decoding step in two Triton launches per layer: split attention over the chosen blocks, then a merge.
 
 A decoding step has one new query per row and query head over a KV cache of K slots. MoBA's rule for it (the
 PyTorch reference is `moba_train.models.cached_attention`, itself checked against the operator over the whole
 sequence): score the query against the mean key of every complete block before its own, keep the topk - 1
 best, and attend those blocks plus its own block up to itself, blocks counted from the row's first real token
-(left padding). The PyTorch path takes about 30 small kernels per layer and step; this is one.
+(left padding). The PyTorch path takes about 30 small kernels per layer and step; this takes two.
 
-One program per (row, query head): (1) the gate: q . mean for each earlier block of its KV head, in chunks,
-into a small fp32 scratch row; (2) topk - 1 rounds of argmax over that row; (3) an online softmax (fp32) over
-the chosen blocks' keys and the own block's, BLOCK_N keys at a time, reading keys and values in place from the
-cache (any strides, unit stride along head_dim). Scores are in log2 units (exp2). The grid is B x Hq programs;
-each reads topk x block_size keys and values, the memory a dense step reads over (topk x block_size) / K.
+Work is split as in flash-decoding, so that a batch of one still fills the GPU, and by KV head, so that the G
+query heads that share a KV head read its keys once (GQA):
+
+1. `_moba_decode_split_kernel`, one program per (row, KV head, split). Every program of a (row, KV head) runs
+   the gate for the group's G query heads (q . mean of each candidate block, fp32 as the operator's; the means
+   are small and stay in L2, so recomputing them per program costs less than a third launch), keeps each head's
+   topk - 1 best blocks, and takes the union of the group's blocks plus the own block, in block order. Split
+   (u, c) attends the c-th chunk of CHUNK keys of the u-th block of that union, for the heads that chose it
+   (every head for the own block, causally), and writes each head's partial softmax state (max, sum, output).
+2. `_moba_decode_merge_kernel`, one program per (row, query head): the log-sum-exp merge of its partials.
+
+Scores are in log2 units (exp2). Splits past the end of a group's union write an empty state.
 """
 
 from __future__ import annotations
@@ -19,87 +26,144 @@ import torch
 import triton
 import triton.language as tl
 
-GATE_CHUNK = 32      # block means scored per step of the gate
-BLOCK_N = 64         # keys per step of the attention
+CHUNK = 128          # keys per split of a block
+BLOCK_N = 64         # keys per step inside a split
+MERGE_SPLITS = 8     # partial states merged per step
+GATE_ELEMENTS = 8192  # fp32 products per step of the gate (heads x means x head_dim)
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, start, n_keys, s_kk, s_vk, offs_d, d_ok, scale2, m_i, l_i, acc,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax of one query over keys start .. start + n_keys - 1 (slots of its KV head)."""
-    for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_keys
-        kt = tl.load(k_ptr + (start + offs_n)[:, None].to(tl.int64) * s_kk + offs_d[None, :],
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(kt * q[None, :], axis=1) * scale2
-        s = tl.where(n_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # no key seen yet: keep exp2 away from -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe)
-        vt = tl.load(v_ptr + (start + offs_n)[:, None].to(tl.int64) * s_vk + offs_d[None, :],
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _moba_decode_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_ptr, out_ptr,
-                        K, D, G, Hq, scale2,
-                        s_qb, s_qh, s_kb, s_kh, s_kk, s_vb, s_vh, s_vk, s_mb, s_mh, s_mn, s_ob, s_oh,
-                        BLOCK_SIZE: tl.constexpr, N_EXTRA: tl.constexpr, NB: tl.constexpr, KP2: tl.constexpr,
-                        GATE_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    hq = tl.program_id(1)
-    hkv = hq // G
+def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_ptr, part_m_ptr, part_l_ptr,
+                              part_o_ptr, K, D, G, scale2,
+                              s_qb, s_qh, s_kb, s_kh, s_kk, s_vb, s_vh, s_vk, s_mb, s_mh, s_mn,
+                              BLOCK_SIZE: tl.constexpr, N_EXTRA: tl.constexpr, NB: tl.constexpr,
+                              CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                              GATE_CHUNK: tl.constexpr, G_GATE: tl.constexpr, G_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                              HKV: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    u = split // CHUNKS                     # which block of the group's union
+    c = split % CHUNKS                      # which chunk of that block
+    offs_g = tl.arange(0, G_P)
+    g_ok = offs_g < G
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + hq * s_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    q_rows = q_ptr + b.to(tl.int64) * s_qb + (hkv * G + offs_g)[:, None] * s_qh + offs_d[None, :]
+    q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0)             # [G_P, BLOCK_D], input dtype
     pad = tl.load(pad_ptr + b).to(tl.int32)
-    pos = K - 1 - pad                      # the new token's position in its row's sequence
-    own = pos // BLOCK_SIZE                # its block; blocks 0 .. own - 1 are complete candidates
-    k_base = k_ptr + b.to(tl.int64) * s_kb + hkv.to(tl.int64) * s_kh
-    v_base = v_ptr + b.to(tl.int64) * s_vb + hkv.to(tl.int64) * s_vh
+    pos = K - 1 - pad                        # the new token's position in its row's sequence
+    own = pos // BLOCK_SIZE                  # its block; blocks 0 .. own - 1 are complete candidates
 
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    blk = own
+    heads = g_ok
+    n_union = 0
     if N_EXTRA > 0:
-        # (1) the gate, in fp32 as the operator's: q . mean of each candidate block, into this program's scratch row
+        # (1) the gate: q . mean for every candidate block, into the (row, KV head)'s scratch [G_P, NB]. Every
+        # program of this (row, KV head) writes the same values there, so whichever write a load sees is right.
+        # The gate takes the group's G heads alone (G_GATE rows), not the G_P rows that tl.dot needs below.
+        offs_gg = tl.arange(0, G_GATE)
+        gg_ok = offs_gg < G
+        q_gate = tl.load(q_ptr + b.to(tl.int64) * s_qb + (hkv * G + offs_gg)[:, None] * s_qh + offs_d[None, :],
+                         mask=gg_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         m_base = means_ptr + b.to(tl.int64) * s_mb + hkv.to(tl.int64) * s_mh
-        row = scratch_ptr + (b * Hq + hq).to(tl.int64) * NB
+        rows = scratch_ptr + bh.to(tl.int64) * G_P * NB
         for j0 in range(0, own, GATE_CHUNK):
             offs_j = j0 + tl.arange(0, GATE_CHUNK)
             j_ok = offs_j < own
             means = tl.load(m_base + offs_j[:, None] * s_mn + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :],
                             other=0.0)
-            tl.store(row + offs_j, tl.sum(means * q[None, :], axis=1), mask=j_ok)
+            scores = tl.sum(q_gate[:, None, :] * means[None, :, :], axis=2)           # [G_GATE, GATE_CHUNK]
+            tl.store(rows + offs_gg[:, None] * NB + offs_j[None, :], scores, mask=gg_ok[:, None] & j_ok[None, :])
         tl.debug_barrier()
-        # (2) the topk - 1 best candidates, by rounds of argmax
+        # (2) each head's topk - 1 best candidates, by rounds of argmax
         offs_nb = tl.arange(0, NB)
-        scores = tl.load(row + offs_nb, mask=offs_nb < own, other=float("-inf"))
-        offs_k = tl.arange(0, KP2)
-        chosen = tl.full([KP2], -1, tl.int32)
-        for r in tl.static_range(N_EXTRA):
-            best = tl.max(scores, axis=0)
-            idx = tl.argmax(scores, axis=0).to(tl.int32)
-            chosen = tl.where(offs_k == r, tl.where(best > float("-inf"), idx, -1), chosen)
-            scores = tl.where(offs_nb == idx, float("-inf"), scores)
-        # (3) attention over the chosen blocks (fewer candidates than topk - 1: the surplus slots stay -1)
-        for r in tl.static_range(N_EXTRA):
-            blk = tl.sum(tl.where(offs_k == r, chosen, 0), axis=0)
-            n_keys = tl.where(blk >= 0, BLOCK_SIZE, 0)
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, pad + blk * BLOCK_SIZE, n_keys, s_kk, s_vk, offs_d,
-                                          d_ok, scale2, m_i, l_i, acc, BLOCK_SIZE, BLOCK_N)
-    # the own block, causally: up to the new token itself
-    m_i, l_i, acc = _attend_block(q, k_base, v_base, pad + own * BLOCK_SIZE, pos - own * BLOCK_SIZE + 1, s_kk, s_vk,
-                                  offs_d, d_ok, scale2, m_i, l_i, acc, BLOCK_SIZE, BLOCK_N)
-    out = acc / l_i
-    tl.store(out_ptr + b.to(tl.int64) * s_ob + hq * s_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        scores = tl.load(rows + offs_g[:, None] * NB + offs_nb[None, :], mask=g_ok[:, None] & (offs_nb < own)[None, :],
+                         other=float("-inf"))
+        chosen = tl.zeros([G_P, NB], tl.int32)
+        for _ in tl.static_range(N_EXTRA):
+            best = tl.max(scores, axis=1)
+            idx = tl.argmax(scores, axis=1)
+            hit = offs_nb[None, :] == idx[:, None]
+            chosen = tl.where(hit & (best > float("-inf"))[:, None] & g_ok[:, None], 1, chosen)
+            scores = tl.where(hit, float("-inf"), scores)
+        # (3) the group's union in block order; this split's block is its u-th, the own block comes after it
+        in_union = tl.max(chosen, axis=0)                                               # [NB]
+        n_union = tl.sum(in_union, axis=0)
+        rank = tl.cumsum(in_union, axis=0) - 1
+        picked = (rank == u) & (in_union > 0)
+        blk = tl.where(u < n_union, tl.sum(tl.where(picked, offs_nb, 0), axis=0), own)
+        heads = tl.where(u < n_union, tl.max(tl.where(offs_nb[None, :] == blk, chosen, 0), axis=1) > 0, g_ok)
+
+    start = c * CHUNK                                    # this split's first key within its block
+    n_keys = tl.where(blk == own, pos - own * BLOCK_SIZE + 1 - start, BLOCK_SIZE - start)
+    n_keys = tl.where(u <= n_union, tl.minimum(n_keys, CHUNK), 0)       # splits past the union: nothing
+    first = pad + blk * BLOCK_SIZE + start
+    k_base = k_ptr + b.to(tl.int64) * s_kb + hkv.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + hkv.to(tl.int64) * s_vh
+    m_i = tl.full([G_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_P], tl.float32)
+    acc = tl.zeros([G_P, BLOCK_D], tl.float32)
+    for n0 in range(0, CHUNK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_keys
+        slots = (first + offs_n).to(tl.int64)
+        kt = tl.load(k_base + slots[:, None] * s_kk + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = tl.where(heads[:, None] & n_ok[None, :], s * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key yet: keep exp2 away from -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        vt = tl.load(v_base + slots[:, None] * s_vk + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, vt, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    part = (bh.to(tl.int64) * n_splits + split) * G_P
+    tl.store(part_m_ptr + part + offs_g, m_i)
+    tl.store(part_l_ptr + part + offs_g, l_i)
+    tl.store(part_o_ptr + (part + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _moba_decode_merge_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, D, G, N_SPLITS, s_ob, s_oh,
+                              G_P: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_SPLITS: tl.constexpr):
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    hkv = hq // G
+    g = hq % G
+    n_kv = tl.num_programs(1) // G
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (b * n_kv + hkv).to(tl.int64) * N_SPLITS
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, N_SPLITS, MERGE_SPLITS):
+        offs_s = s0 + tl.arange(0, MERGE_SPLITS)
+        s_ok = offs_s < N_SPLITS
+        at = (base + offs_s) * G_P + g
+        m = tl.load(part_m_ptr + at, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + at, mask=s_ok, other=0.0)
+        o = tl.load(part_o_ptr + at[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(m - m_safe)                  # empty splits (m = -inf) weigh 0
+        alpha = tl.exp2(m_run - m_safe)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        l_run = l_run * alpha + tl.sum(w * l_s, axis=0)
+        m_run = m_new
+    out = acc / l_run
+    tl.store(out_ptr + b.to(tl.int64) * s_ob + hq * s_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, means: torch.Tensor,
@@ -111,22 +175,38 @@ def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     Hkv, K = key.shape[1], key.shape[2]
     if S != 1:
         raise ValueError(f"the fused MoBA decode kernel takes one new token per row, got {S}")
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or means.stride(-1) != 1:
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or means.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("the fused MoBA decode kernel needs unit stride along head_dim")
-    q = query[:, :, 0]
-    out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
+    G = Hq // Hkv
+    g_gate = triton.next_power_of_2(G)
+    g_p = max(16, g_gate)                            # tl.dot takes at least 16 rows
+    block_d = max(16, triton.next_power_of_2(D))
     n_extra = max(topk - 1, 0)
-    candidates = max((K - 1) // block_size, 1)
-    nb = triton.next_power_of_2(candidates)
-    scratch = torch.empty(B * Hq * nb if n_extra else 1, dtype=torch.float32, device=query.device)
-    _moba_decode_kernel[(B, Hq)](
-        q, key, value, means, pad_slots, scratch, out, K, D, Hq // Hkv, Hq, softmax_scale * LOG2E,
+    candidates = (K - 1) // block_size               # the most complete blocks any row's query can have
+    union = min(G * n_extra, candidates) + 1         # the most distinct blocks a group attends, own block included
+    chunk = max(16, min(CHUNK, triton.next_power_of_2(block_size)))   # tl.dot takes at least 16 columns
+    chunks = triton.cdiv(block_size, chunk)
+    n_splits = union * chunks
+    nb = triton.next_power_of_2(max(candidates, 1))
+    dev = query.device
+    scratch = torch.empty(B * Hkv * g_p * nb if n_extra and candidates else 1, dtype=torch.float32, device=dev)
+    part_m = torch.empty(B * Hkv * n_splits * g_p, dtype=torch.float32, device=dev)
+    part_l = torch.empty_like(part_m)
+    part_o = torch.empty(B * Hkv * n_splits * g_p * block_d, dtype=torch.float32, device=dev)
+    q = query[:, :, 0]
+    _moba_decode_split_kernel[(B * Hkv, n_splits)](
+        q, key, value, means, pad_slots, scratch, part_m, part_l, part_o, K, D, G, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), means.stride(0), means.stride(1), means.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, N_EXTRA=n_extra, NB=nb, KP2=triton.next_power_of_2(max(n_extra, 1)),
-        GATE_CHUNK=GATE_CHUNK, BLOCK_N=min(BLOCK_N, triton.next_power_of_2(block_size)),
-        BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        BLOCK_SIZE=block_size, N_EXTRA=n_extra if candidates else 0, NB=nb, CHUNKS=chunks, CHUNK=chunk,
+        BLOCK_N=min(BLOCK_N, chunk), GATE_CHUNK=max(1, GATE_ELEMENTS // (g_gate * block_d)),
+        G_GATE=g_gate, G_P=g_p,
+        BLOCK_D=block_d, HKV=Hkv, IEEE=query.dtype == torch.float32, num_warps=4)
+    out = torch.empty(B, Hq, D, dtype=query.dtype, device=dev)
+    _moba_decode_merge_kernel[(B, Hq)](part_m, part_l, part_o, out, D, G, n_splits, out.stride(0), out.stride(1),
+                                       G_P=g_p, BLOCK_D=block_d, MERGE_SPLITS=MERGE_SPLITS, num_warps=4)
     return out[:, None]
 
 

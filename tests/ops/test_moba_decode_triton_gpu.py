@@ -1,0 +1,72 @@
+"""The fused MoBA decode kernel (ops/moba/decode_triton.py) on a CUDA GPU, against the PyTorch decode path (itself
+checked against the operator over the whole sequence in tests/models/test_decode.py): every interpreter case in
+bf16 and fp16, the Llama-3-8B head shape over a long cache, and greedy generation of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moba_train.models import MobaKVCache
+from moba_train.models.hf_compat import model_cache_keyword
+from tests.models.test_decode import greedy_by_recomputing
+from tests.models.tiny import FAMILIES, stock_model, with_plan
+from tests.ops.test_moba_decode_triton_interpreter import CASES, LAYOUTS, _decode_both
+
+pytestmark = pytest.mark.gpu
+
+# bf16 keeps 8 bits of mantissa: the kernel's tensor-core products and the torch path's SDPA round differently.
+DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, dict(atol=2e-2, rtol=2e-2)),
+          "fp16": (torch.float16, dict(atol=3e-3, rtol=3e-3))}
+LONG = {   # (query heads, KV heads, head_dim, block_size, topk, prompt lengths)
+    "llama3-8b-heads-bs512-top3-padded": (32, 8, 128, 512, 3, (20000, 19211)),
+    "smollm2-heads-bs512-top3": (9, 3, 64, 512, 3, (33000,)),
+    "gqa7-d96-bs256-top4": (7, 1, 96, 256, 4, (9000, 4321, 8888)),
+    "d256-bs128-top8": (4, 2, 256, 128, 8, (5000,)),
+}
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_each_step_equals_the_pytorch_decode_path_on_cuda(case, dtype, tol):
+    _decode_both(*case, dtype, LAYOUTS["contiguous"], device="cuda", tol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [DTYPES["bf16"]], ids=["bf16"])
+@pytest.mark.parametrize("case", LONG.values(), ids=LONG.keys())
+def test_long_caches_and_real_head_shapes_on_cuda(case, dtype, tol):
+    _decode_both(*case, dtype, LAYOUTS["view-of-a-longer-buffer"], steps=3, device="cuda", tol=tol)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generate_with_the_kernel_equals_recomputing_on_cuda(family):
+    model = with_plan(stock_model(family), {"block_size": 4, "topk": 2, "moba_layers": "all",
+                                            "decode_backend": "triton"}).cuda()
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=14, do_sample=False,
+                             **{model_cache_keyword(model): MobaKVCache.for_model(model, 24)})
+    want, _ = greedy_by_recomputing(model, prompt, 14)
+    assert torch.equal(out, want)
+
+
+def test_left_padded_batch_generates_each_row_as_alone_on_cuda():
+    """Batch > 1 with left padding: each row's greedy tokens equal that row generated alone, without padding."""
+    model = with_plan(stock_model("llama"), {"block_size": 4, "topk": 2, "moba_layers": "all",
+                                             "decode_backend": "triton"}).cuda()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 256, (n,), generator=g) for n in (13, 6, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts]).cuda()
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long().cuda()
+    kw = model_cache_keyword(model)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 **{kw: MobaKVCache.for_model(model, width + 12)})
+        for row, p in enumerate(prompts):
+            alone = model.generate(p[None].cuda(), max_new_tokens=12, do_sample=False,
+                                   **{kw: MobaKVCache.for_model(model, len(p) + 12)})
+            assert torch.equal(batched[row, width:], alone[0, len(p):]), f"row {row}"

@@ -194,8 +194,12 @@ DECODE_BACKENDS: dict[str, Callable[[torch.device], str | None]] = {
 
 
 def decode_backend(layer: LayerAttention, device: torch.device) -> str:
-    """The decode backend the layer's plan asks for, resolved (`auto`: torch, until the kernel is measured)."""
-    name = "torch" if layer.decode_backend == "auto" else layer.decode_backend
+    """The decode backend the layer's plan asks for, resolved. `auto` takes the fused kernel on a CUDA device
+    where triton is installed (faster than the PyTorch ops at every measured context, batch and model shape:
+    docs/benchmarks.md, Decoding), else the PyTorch ops."""
+    name = layer.decode_backend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_decode_missing(device) is None else "torch"
     reason = DECODE_BACKENDS[name](device)
     if reason is not None:
         raise RuntimeError(f"attention.decode_backend={name}: {reason}; set attention.decode_backend=torch")

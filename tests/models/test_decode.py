@@ -231,7 +231,7 @@ def test_plan_decode_backend_default_validation_and_a_missing_kernel_named_with_
     assert set(DECODE_BACKENDS) - {"auto"} == set(cached_attention.DECODE_BACKENDS)   # every name the plan takes runs
     with pytest.raises(ValueError, match=r"decode_backend must be one of \['auto', 'torch', 'triton'\].*got 'cuda'"):
         AttentionPlan.from_config({**MOBA, "decode_backend": "cuda"}, 2)
-    assert cached_attention.decode_backend(plan.at(0), torch.device("cpu")) == "torch"    # auto: torch, for now
+    assert cached_attention.decode_backend(plan.at(0), torch.device("cpu")) == "torch"    # auto: the kernel on CUDA only
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kernel = AttentionPlan.from_config({**MOBA, "decode_backend": "triton"}, 2).at(0)
     with pytest.raises(RuntimeError, match="decode_backend=triton: .*set attention.decode_backend=torch"):

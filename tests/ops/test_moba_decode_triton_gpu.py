@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moba_train.models import MobaKVCache
+from moba_train.models import AttentionPlan, MobaKVCache
+from moba_train.models.cached_attention import decode_backend
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import FAMILIES, stock_model, with_plan
@@ -23,6 +24,8 @@ LONG = {   # (query heads, KV heads, head_dim, block_size, topk, prompt lengths)
     "smollm2-heads-bs512-top3": (9, 3, 64, 512, 3, (33000,)),
     "gqa7-d96-bs256-top4": (7, 1, 96, 256, 4, (9000, 4321, 8888)),
     "d256-bs128-top8": (4, 2, 256, 128, 8, (5000,)),
+    # 1,093 candidate blocks: 69 gate programs per (row, KV head) and a [4, 2048] top-k tile in each split
+    "gqa4-d128-bs64-top4-1093-candidates": (8, 2, 128, 64, 4, (70000,)),
 }
 
 
@@ -70,3 +73,8 @@ def test_left_padded_batch_generates_each_row_as_alone_on_cuda():
             alone = model.generate(p[None].cuda(), max_new_tokens=12, do_sample=False,
                                    **{kw: MobaKVCache.for_model(model, len(p) + 12)})
             assert torch.equal(batched[row, width:], alone[0, len(p):]), f"row {row}"
+
+
+def test_auto_decodes_with_the_kernel_on_cuda():
+    layer = AttentionPlan.from_config({"block_size": 4, "topk": 2, "moba_layers": "all"}, 1).at(0)
+    assert layer.decode_backend == "auto" and decode_backend(layer, torch.device("cuda")) == "triton"

@@ -38,6 +38,8 @@ CASES = {
     "gqa4-d128-bs160-top3-two-splits": (8, 2, 128, 160, 3, (490, 333)),
     # a group of 8 heads with 2 picks each over 18 candidates: 17 splits, more than the merge takes at once
     "gqa8-d16-bs16-top3-17-splits": (8, 1, 16, 16, 3, (300,)),
+    # 18 candidate blocks for a gate that scores 16 per program (D 128, 4 heads a group): two gate programs
+    "gqa4-d128-bs16-top3-two-gate-programs": (8, 2, 128, 16, 3, (300, 270)),
     "top-all-bs16": (4, 2, 16, 16, 100, (45, 31)),
 }
 LAYOUTS = {

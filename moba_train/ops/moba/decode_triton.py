@@ -1,23 +1,27 @@
-"""A sparse MoBA decoding step in two Triton launches per layer: split attention over the chosen blocks, then a merge.
+"""A sparse MoBA decoding step in three Triton launches per layer: the gate, split attention, a merge.
 
 A decoding step has one new query per row and query head over a KV cache of K slots. MoBA's rule for it (the
 PyTorch reference is `moba_train.models.cached_attention`, itself checked against the operator over the whole
 sequence): score the query against the mean key of every complete block before its own, keep the topk - 1
 best, and attend those blocks plus its own block up to itself, blocks counted from the row's first real token
-(left padding). The PyTorch path takes about 30 small kernels per layer and step; this takes two.
+(left padding). The PyTorch path takes about 30 small kernels per layer and step; this takes three.
 
 Work is split as in flash-decoding, so that a batch of one still fills the GPU, and by KV head, so that the G
 query heads that share a KV head read its keys once (GQA):
 
-1. `_moba_decode_split_kernel`, one program per (row, KV head, split). Every program of a (row, KV head) runs
-   the gate for the group's G query heads (q . mean of each candidate block, fp32 as the operator's; the means
-   are small and stay in L2, so recomputing them per program costs less than a third launch), keeps each head's
-   topk - 1 best blocks, and takes the union of the group's blocks plus the own block, in block order. Split
-   (u, c) attends the c-th chunk of CHUNK keys of the u-th block of that union, for the heads that chose it
-   (every head for the own block, causally), and writes each head's partial softmax state (max, sum, output).
-2. `_moba_decode_merge_kernel`, one program per (row, query head): the log-sum-exp merge of its partials.
+1. `_moba_decode_gate_kernel`, one program per (row, KV head, GATE_CHUNK candidate blocks): q . mean of each
+   candidate block for the group's G query heads, fp32 as the operator's gate, into a score scratch. Spread over
+   programs because one program walking every mean was the step's critical path at long contexts (256 blocks
+   at 128K: 16 dependent rounds of loads in every split program of the earlier two-launch version).
+2. `_moba_decode_split_kernel`, one program per (row, KV head, split). Every program of a (row, KV head) reads
+   the group's scores, keeps each head's topk - 1 best blocks, and takes the union of the group's blocks plus
+   the own block, in block order. Split (u, c) attends the c-th chunk of CHUNK keys of the u-th block of that
+   union, for the heads that chose it (every head for the own block, causally), and writes each head's partial
+   softmax state (max, sum, output).
+3. `_moba_decode_merge_kernel`, one program per (row, query head): the log-sum-exp merge of its partials.
 
-Scores are in log2 units (exp2). Splits past the end of a group's union write an empty state.
+Scores are in log2 units (exp2). Splits past the end of a group's union write an empty state. One fp32
+workspace holds the partial states and the scores (one allocation per step).
 """
 
 from __future__ import annotations
@@ -29,17 +33,45 @@ import triton.language as tl
 CHUNK = 128          # keys per split of a block
 BLOCK_N = 64         # keys per step inside a split
 MERGE_SPLITS = 8     # partial states merged per step
-GATE_ELEMENTS = 8192  # fp32 products per step of the gate (heads x means x head_dim)
+GATE_ELEMENTS = 8192  # fp32 products per gate program (heads x means x head_dim)
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_ptr, part_m_ptr, part_l_ptr,
-                              part_o_ptr, K, D, G, scale2,
-                              s_qb, s_qh, s_kb, s_kh, s_kk, s_vb, s_vh, s_vk, s_mb, s_mh, s_mn,
+def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, G,
+                             s_qb, s_qh, s_mb, s_mh, s_mn,
+                             BLOCK_SIZE: tl.constexpr, NB: tl.constexpr, GATE_CHUNK: tl.constexpr,
+                             G_GATE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr):
+    """q . mean for GATE_CHUNK candidate blocks of one (row, KV head), for the group's G query heads, in fp32
+    as the operator's gate: into the workspace's scores [B * HKV, G_GATE, NB] (after the splits' partial states,
+    N_PART of each). Candidates at or past a row's own block are
+    left unwritten (the split kernel masks them)."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    hkv = bh % HKV
+    pad = tl.load(pad_ptr + b).to(tl.int32)
+    own = (K - 1 - pad) // BLOCK_SIZE
+    offs_j = tl.program_id(1) * GATE_CHUNK + tl.arange(0, GATE_CHUNK)
+    j_ok = offs_j < own
+    offs_gg = tl.arange(0, G_GATE)
+    gg_ok = offs_gg < G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_gate = tl.load(q_ptr + b.to(tl.int64) * s_qb + (hkv * G + offs_gg)[:, None] * s_qh + offs_d[None, :],
+                     mask=gg_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_base = means_ptr + b.to(tl.int64) * s_mb + hkv.to(tl.int64) * s_mh
+    means = tl.load(m_base + offs_j[:, None] * s_mn + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+    scores = tl.sum(q_gate[:, None, :] * means[None, :, :], axis=2)                   # [G_GATE, GATE_CHUNK]
+    rows = work_ptr + N_PART.to(tl.int64) * (2 + BLOCK_D) + bh.to(tl.int64) * G_GATE * NB
+    tl.store(rows + offs_gg[:, None] * NB + offs_j[None, :], scores, mask=gg_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, work_ptr, N_PART, K, D, G, scale2,
+                              s_qb, s_qh, s_kb, s_kh, s_kk, s_vb, s_vh, s_vk,
                               BLOCK_SIZE: tl.constexpr, N_EXTRA: tl.constexpr, NB: tl.constexpr,
                               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                              GATE_CHUNK: tl.constexpr, G_GATE: tl.constexpr, G_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                              G_GATE: tl.constexpr, G_P: tl.constexpr, BLOCK_D: tl.constexpr,
                               HKV: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,33 +94,21 @@ def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_p
     heads = g_ok
     n_union = 0
     if N_EXTRA > 0:
-        # (1) the gate: q . mean for every candidate block, into the (row, KV head)'s scratch [G_P, NB]. Every
-        # program of this (row, KV head) writes the same values there, so whichever write a load sees is right.
-        # The gate takes the group's G heads alone (G_GATE rows), not the G_P rows that tl.dot needs below.
+        # (1) the gate's scores, written by _moba_decode_gate_kernel: [G_GATE, NB] per (row, KV head)
+        rows = work_ptr + N_PART.to(tl.int64) * (2 + BLOCK_D) + bh.to(tl.int64) * G_GATE * NB
+        # (2) each head's topk - 1 best candidates, by rounds of argmax, on the group's G_GATE rows (not the
+        # G_P rows tl.dot needs below: the [heads, NB] tiles are what grows with the context)
         offs_gg = tl.arange(0, G_GATE)
         gg_ok = offs_gg < G
-        q_gate = tl.load(q_ptr + b.to(tl.int64) * s_qb + (hkv * G + offs_gg)[:, None] * s_qh + offs_d[None, :],
-                         mask=gg_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m_base = means_ptr + b.to(tl.int64) * s_mb + hkv.to(tl.int64) * s_mh
-        rows = scratch_ptr + bh.to(tl.int64) * G_P * NB
-        for j0 in range(0, own, GATE_CHUNK):
-            offs_j = j0 + tl.arange(0, GATE_CHUNK)
-            j_ok = offs_j < own
-            means = tl.load(m_base + offs_j[:, None] * s_mn + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :],
-                            other=0.0)
-            scores = tl.sum(q_gate[:, None, :] * means[None, :, :], axis=2)           # [G_GATE, GATE_CHUNK]
-            tl.store(rows + offs_gg[:, None] * NB + offs_j[None, :], scores, mask=gg_ok[:, None] & j_ok[None, :])
-        tl.debug_barrier()
-        # (2) each head's topk - 1 best candidates, by rounds of argmax
         offs_nb = tl.arange(0, NB)
-        scores = tl.load(rows + offs_g[:, None] * NB + offs_nb[None, :], mask=g_ok[:, None] & (offs_nb < own)[None, :],
-                         other=float("-inf"))
-        chosen = tl.zeros([G_P, NB], tl.int32)
+        scores = tl.load(rows + offs_gg[:, None] * NB + offs_nb[None, :],
+                         mask=gg_ok[:, None] & (offs_nb < own)[None, :], other=float("-inf"))
+        chosen = tl.zeros([G_GATE, NB], tl.int32)
         for _ in tl.static_range(N_EXTRA):
             best = tl.max(scores, axis=1)
             idx = tl.argmax(scores, axis=1)
             hit = offs_nb[None, :] == idx[:, None]
-            chosen = tl.where(hit & (best > float("-inf"))[:, None] & g_ok[:, None], 1, chosen)
+            chosen = tl.where(hit & (best > float("-inf"))[:, None] & gg_ok[:, None], 1, chosen)
             scores = tl.where(hit, float("-inf"), scores)
         # (3) the group's union in block order; this split's block is its u-th, the own block comes after it
         in_union = tl.max(chosen, axis=0)                                               # [NB]
@@ -96,7 +116,10 @@ def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_p
         rank = tl.cumsum(in_union, axis=0) - 1
         picked = (rank == u) & (in_union > 0)
         blk = tl.where(u < n_union, tl.sum(tl.where(picked, offs_nb, 0), axis=0), own)
-        heads = tl.where(u < n_union, tl.max(tl.where(offs_nb[None, :] == blk, chosen, 0), axis=1) > 0, g_ok)
+        chose_blk = tl.max(tl.where(offs_nb[None, :] == blk, chosen, 0), axis=1)         # [G_GATE]
+        # widened to the G_P rows: row g takes chose_blk[g] (rows past G_GATE take 0)
+        chose_blk_p = tl.sum(tl.where(offs_g[:, None] == offs_gg[None, :], chose_blk[None, :], 0), axis=1)
+        heads = tl.where(u < n_union, chose_blk_p > 0, g_ok)
 
     start = c * CHUNK                                    # this split's first key within its block
     n_keys = tl.where(blk == own, pos - own * BLOCK_SIZE + 1 - start, BLOCK_SIZE - start)
@@ -130,13 +153,13 @@ def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, means_ptr, pad_ptr, scratch_p
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     part = (bh.to(tl.int64) * n_splits + split) * G_P
-    tl.store(part_m_ptr + part + offs_g, m_i)
-    tl.store(part_l_ptr + part + offs_g, l_i)
-    tl.store(part_o_ptr + (part + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(work_ptr + part + offs_g, m_i)
+    tl.store(work_ptr + N_PART.to(tl.int64) + part + offs_g, l_i)
+    tl.store(work_ptr + 2 * N_PART.to(tl.int64) + (part + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
 @triton.jit
-def _moba_decode_merge_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, D, G, N_SPLITS, s_ob, s_oh,
+def _moba_decode_merge_kernel(work_ptr, N_PART, out_ptr, D, G, N_SPLITS, s_ob, s_oh,
                               G_P: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_SPLITS: tl.constexpr):
     b = tl.program_id(0)
     hq = tl.program_id(1)
@@ -152,9 +175,9 @@ def _moba_decode_merge_kernel(part_m_ptr, part_l_ptr, part_o_ptr, out_ptr, D, G,
         offs_s = s0 + tl.arange(0, MERGE_SPLITS)
         s_ok = offs_s < N_SPLITS
         at = (base + offs_s) * G_P + g
-        m = tl.load(part_m_ptr + at, mask=s_ok, other=float("-inf"))
-        l_s = tl.load(part_l_ptr + at, mask=s_ok, other=0.0)
-        o = tl.load(part_o_ptr + at[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m = tl.load(work_ptr + at, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(work_ptr + N_PART.to(tl.int64) + at, mask=s_ok, other=0.0)
+        o = tl.load(work_ptr + 2 * N_PART.to(tl.int64) + at[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(m - m_safe)                  # empty splits (m = -inf) weigh 0
@@ -190,22 +213,28 @@ def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     chunks = triton.cdiv(block_size, chunk)
     n_splits = union * chunks
     nb = triton.next_power_of_2(max(candidates, 1))
-    dev = query.device
-    scratch = torch.empty(B * Hkv * g_p * nb if n_extra and candidates else 1, dtype=torch.float32, device=dev)
-    part_m = torch.empty(B * Hkv * n_splits * g_p, dtype=torch.float32, device=dev)
-    part_l = torch.empty_like(part_m)
-    part_o = torch.empty(B * Hkv * n_splits * g_p * block_d, dtype=torch.float32, device=dev)
+    gating = bool(n_extra and candidates)
+    n_part = B * Hkv * n_splits * g_p
+    # One fp32 workspace: the splits' partial states (max, sum, output) and then the gate's scores.
+    work = torch.empty(n_part * (2 + block_d) + (B * Hkv * g_gate * nb if gating else 0),
+                       dtype=torch.float32, device=query.device)
     q = query[:, :, 0]
+    if gating:
+        gate_chunk = max(1, GATE_ELEMENTS // (g_gate * block_d))
+        _moba_decode_gate_kernel[(B * Hkv, triton.cdiv(candidates, gate_chunk))](
+            q, means, pad_slots, work, n_part, K, D, G,
+            q.stride(0), q.stride(1), means.stride(0), means.stride(1), means.stride(2),
+            BLOCK_SIZE=block_size, NB=nb, GATE_CHUNK=gate_chunk, G_GATE=g_gate, BLOCK_D=block_d, HKV=Hkv,
+            num_warps=4)
     _moba_decode_split_kernel[(B * Hkv, n_splits)](
-        q, key, value, means, pad_slots, scratch, part_m, part_l, part_o, K, D, G, softmax_scale * LOG2E,
+        q, key, value, pad_slots, work, n_part, K, D, G, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), means.stride(0), means.stride(1), means.stride(2),
-        BLOCK_SIZE=block_size, N_EXTRA=n_extra if candidates else 0, NB=nb, CHUNKS=chunks, CHUNK=chunk,
-        BLOCK_N=min(BLOCK_N, chunk), GATE_CHUNK=max(1, GATE_ELEMENTS // (g_gate * block_d)),
-        G_GATE=g_gate, G_P=g_p,
-        BLOCK_D=block_d, HKV=Hkv, IEEE=query.dtype == torch.float32, num_warps=4)
-    out = torch.empty(B, Hq, D, dtype=query.dtype, device=dev)
-    _moba_decode_merge_kernel[(B, Hq)](part_m, part_l, part_o, out, D, G, n_splits, out.stride(0), out.stride(1),
+        value.stride(0), value.stride(1), value.stride(2),
+        BLOCK_SIZE=block_size, N_EXTRA=n_extra if gating else 0, NB=nb, CHUNKS=chunks, CHUNK=chunk,
+        BLOCK_N=min(BLOCK_N, chunk), G_GATE=g_gate, G_P=g_p, BLOCK_D=block_d, HKV=Hkv,
+        IEEE=query.dtype == torch.float32, num_warps=4)
+    out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
+    _moba_decode_merge_kernel[(B, Hq)](work, n_part, out, D, G, n_splits, out.stride(0), out.stride(1),
                                        G_P=g_p, BLOCK_D=block_d, MERGE_SPLITS=MERGE_SPLITS, num_warps=4)
     return out[:, None]
 

@@ -10,10 +10,10 @@ scores the block means kept in a `BlockMeans` (updated as blocks complete) and g
 chosen blocks' keys and values.
 
 What runs a sparse step is the plan's `decode_backend` (`DECODE_BACKENDS`): `torch`, the PyTorch ops
-below (any device, any number of new tokens), or `triton`, one fused kernel per layer and step
+below (any device, any number of new tokens), or `triton`, the fused kernel (three launches per layer and step)
 (`moba_train.ops.moba.decode_triton`) for steps of one new token per row; a step of several (assisted
-decoding, a prefill over a filled cache) runs the PyTorch ops. `auto` is `torch` until the kernel's
-speed has been measured on a GPU (docs/benchmarks.md, Decoding).
+decoding, a prefill over a filled cache) runs the PyTorch ops. `auto` is `triton` on a CUDA device where
+triton is installed (faster than the PyTorch ops wherever measured: docs/benchmarks.md, Decoding), else `torch`.
 """
 
 from __future__ import annotations

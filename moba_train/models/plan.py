@@ -12,8 +12,8 @@ as written in a Hydra YAML):
 from the end). A phase applies while progress < its `until`; the last phase also covers progress 1.0.
 `decode` says how MoBA layers attend while decoding over a KV cache: "moba" (sparse, the same rule
 as prefill and training) or "full" (dense, the paper's setting). Prefill always follows `mode`.
-`decode_backend` runs sparse decoding steps: "torch" (PyTorch ops), "triton" (one fused kernel per
-layer and step, GPUs), "auto" (torch, until the kernel's speed is measured).
+`decode_backend` runs sparse decoding steps: "torch" (PyTorch ops), "triton" (the fused kernel,
+CUDA GPUs), "auto" (triton on a CUDA device where triton is installed, else torch).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class AttentionPlanConfig:
     backend: str = "auto"          # MoBA backend (moba_train.ops.moba.BACKENDS)
     full_backend: str = "auto"     # full-attention backend (moba_train.ops.full_attn.FULL_ATTN_BACKENDS)
     decode: str = "moba"           # MoBA layers over a KV cache: moba (sparse) | full (dense, the paper's)
-    decode_backend: str = "auto"   # what runs a sparse decoding step: auto | torch | triton (one fused kernel)
+    decode_backend: str = "auto"   # what runs a sparse decoding step: auto (triton on CUDA) | torch | triton
     # how the gate's block means are rounded (moba_train/ops/moba/routing.py): reference (to the input dtype, as
     # MoonshotAI's kernels do) | fp32
     centroids: str = "reference"

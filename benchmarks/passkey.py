@@ -1,5 +1,6 @@
-"""Passkey evaluation wall time with the samples of one length and depth generated one at a time or as one
-batch (`eval.passkey.batch_tokens`), on the embedded SmolLM2-135M with MoBA in every layer, same run.
+"""Passkey evaluation wall time with the trials of one length generated one at a time, `--samples` at a time,
+or all at once (every depth and sample: `eval.passkey.batch_tokens` >= their tokens), on the embedded
+SmolLM2-135M with MoBA in every layer, same run.
 
 CPU:  python benchmarks/passkey.py --device cpu --lengths 512 --samples 4
 GPU:  python benchmarks/passkey.py --device cuda --dtype bf16 --lengths 2048 8192 32768 --samples 4
@@ -48,7 +49,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
         answers, base = None, None
-        for batch_tokens in (length, length * args.samples):
+        for batch_tokens in (length, length * args.samples, length * args.samples * len(args.depths)):
             t0 = time.perf_counter()
             result = run_passkey(model, loaded.tokenizer, [length], args.depths, samples=args.samples,
                                  batch_tokens=batch_tokens)

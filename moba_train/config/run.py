@@ -139,8 +139,8 @@ class PasskeyConfig:
     samples: int = 1                    # haystacks (different keys) per depth and length
     max_length: int = 131072            # longer haystacks are skipped (generation holds the whole KV cache on one GPU)
     max_length_cpu: int = 1024          # the same cap on CPU, where a prefill runs at a few hundred tokens/s
-    # samples of one length and depth are generated as one batch of up to this many prompt tokens (at least
-    # one haystack): the memory of one max_length prefill, fewer launches for short haystacks
+    # the trials of one length (every depth and sample) are generated in batches of up to this many prompt
+    # tokens (at least one haystack): the memory of one max_length prefill, fewer launches for short haystacks
     batch_tokens: int = 131072
     seed: int = 0
     # filler style: lee (English news) | python (stdlib code, for code models) | a list of both: every length and

@@ -110,8 +110,9 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
                 seed: int = PasskeyConfig.seed, synced_gpus: bool = False,
                 haystacks: Haystacks | str = PasskeyConfig.haystack,
                 batch_tokens: int = PasskeyConfig.batch_tokens) -> PasskeyResult:
-    """Every (length, depth, sample) trial, one haystack at a time. The samples of one length and depth (same
-    number of tokens, so no padding) are generated together, up to `batch_tokens` prompt tokens at once.
+    """Every (length, depth, sample) trial, one haystack at a time. The trials of one length, every depth and
+    sample (the same number of tokens, so no padding), are generated together, up to `batch_tokens` prompt
+    tokens at once.
     With ZeRO-3 every rank must call this with the same arguments (and synced_gpus=True): the gathers of
     the partitioned weights are collectives."""
     from transformers import GenerationConfig
@@ -129,19 +130,19 @@ def run_passkey(model, tokenizer, lengths: list[int], depths: list[float], *, sa
     try:
         for length in lengths:
             batch = max(1, batch_tokens // length)
-            for depth in depths:
-                for first in range(0, samples, batch):
-                    group = range(first, min(first + batch, samples))
-                    keys = [trial_key(seed, length, depth, sample) for sample in group]
-                    starts = [(sample * 7919 + length) % len(haystacks.sentences) for sample in group]
-                    ids = torch.tensor([haystacks.build(length, depth, key, start) for key, start in zip(keys, starts)],
-                                       device=device)
-                    cache = MobaKVCache.for_model(model, length + gen.max_new_tokens)
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                                         synced_gpus=synced_gpus, **{cache_keyword: cache})
-                    for row, key in zip(out, keys):
-                        answer = tokenizer.decode(row[length:], skip_special_tokens=True)
-                        trials.append(PasskeyTrial(length, depth, key, answer, first_number(answer) == key))
+            cells = [(depth, sample) for depth in depths for sample in range(samples)]
+            for first in range(0, len(cells), batch):
+                group = cells[first:first + batch]
+                keys = [trial_key(seed, length, depth, sample) for depth, sample in group]
+                starts = [(sample * 7919 + length) % len(haystacks.sentences) for _, sample in group]
+                ids = torch.tensor([haystacks.build(length, depth, key, start)
+                                    for (depth, _), key, start in zip(group, keys, starts)], device=device)
+                cache = MobaKVCache.for_model(model, length + gen.max_new_tokens)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                                     synced_gpus=synced_gpus, **{cache_keyword: cache})
+                for row, (depth, _), key in zip(out, group, keys):
+                    answer = tokenizer.decode(row[length:], skip_special_tokens=True)
+                    trials.append(PasskeyTrial(length, depth, key, answer, first_number(answer) == key))
     finally:
         model.train(was_training)
     grid = [[_mean([t.correct for t in trials if t.length == n and t.depth == d]) for n in lengths] for d in depths]

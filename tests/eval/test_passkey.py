@@ -62,6 +62,7 @@ class KeyReader(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(num_hidden_layers=1)
         self.batches = []                            # the batch size of each generate call
+        self.needle_at = []                          # per row generated, the needle's place in its text (0..1)
 
     def forward(self, input_ids, cache=None):      # only its signature is read: the cache keyword
         raise NotImplementedError
@@ -69,7 +70,10 @@ class KeyReader(torch.nn.Module):
     def generate(self, input_ids, attention_mask, generation_config, synced_gpus, cache):
         assert cache.get_max_length() == input_ids.shape[1] + generation_config.max_new_tokens
         self.batches.append(input_ids.shape[0])
-        keys = [re.search(r"pass key is (\d+)", self.tokenizer.decode(row)).group(1) for row in input_ids]
+        texts = [self.tokenizer.decode(row) for row in input_ids]
+        found = [re.search(r"pass key is (\d+)", text) for text in texts]
+        self.needle_at += [m.start() / len(text) for m, text in zip(found, texts)]   # where each row's needle sits
+        keys = [m.group(1) for m in found]
         n = generation_config.max_new_tokens
         answers = [self.tokenizer(f" {key}.", add_special_tokens=False)["input_ids"][:n] for key in keys]
         pad = generation_config.pad_token_id
@@ -83,16 +87,21 @@ def test_scoring_counts_the_first_generated_number(lee_bpe, haystacks):
     assert all(t.correct and t.answer.strip().startswith(t.key) for t in result.trials)
 
 
-@pytest.mark.parametrize("batch_tokens,batches", [(256, [1] * 12), (512, [2, 1] * 4), (4096, [3] * 4)],
-                         ids=["one-at-a-time", "pairs", "all-samples"])
-def test_samples_of_a_length_and_depth_are_generated_together_up_to_batch_tokens(lee_bpe, haystacks, batch_tokens,
-                                                                                  batches):
+@pytest.mark.parametrize("batch_tokens,batches", [(256, [1] * 12), (1280, [5, 5, 2]), (4096, [12])],
+                         ids=["one-at-a-time", "fives-across-depths", "every-trial"])
+def test_trials_of_a_length_are_generated_together_across_depths_up_to_batch_tokens(lee_bpe, haystacks,
+                                                                                    batch_tokens, batches):
     reader = KeyReader(lee_bpe)
     result = run_passkey(reader, lee_bpe, [256], [0.2, 0.4, 0.6, 0.8], samples=3, haystacks=haystacks,
                          batch_tokens=batch_tokens)
     assert reader.batches == batches
     assert result.accuracy == 1.0 and len(result.trials) == 12
     assert len({t.key for t in result.trials}) == 12          # every sample its own key, whatever the batching
+    # each trial keeps its depth: recorded in order, and the needle sits deeper in the haystacks of deeper trials
+    # (on average over a depth's samples: at 256 tokens sentence boundaries move a single needle by 0.1-0.2)
+    assert [t.depth for t in result.trials] == [d for d in (0.2, 0.4, 0.6, 0.8) for _ in range(3)]
+    by_depth = [sum(reader.needle_at[i:i + 3]) / 3 for i in range(0, 12, 3)]
+    assert by_depth == sorted(by_depth) and by_depth[-1] - by_depth[0] > 0.3, by_depth
 
 
 def test_batched_generation_answers_as_one_at_a_time_on_a_moba_model(lee_bpe, haystacks):

@@ -44,8 +44,7 @@ def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, 
                              G_GATE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr):
     """q . mean for GATE_CHUNK candidate blocks of one (row, KV head), for the group's G query heads, in fp32
     as the operator's gate: into the workspace's scores [B * HKV, G_GATE, NB] (after the splits' partial states,
-    N_PART of each). Candidates at or past a row's own block are
-    left unwritten (the split kernel masks them)."""
+    N_PART of each). Candidates at or past a row's own block are left unwritten (the split kernel masks them)."""
     bh = tl.program_id(0)
     b = bh // HKV
     hkv = bh % HKV

@@ -198,8 +198,8 @@ def decode_backend(layer: LayerAttention, device: torch.device) -> str:
     where triton is installed (faster than the PyTorch ops at every measured context, batch and model shape:
     docs/benchmarks.md, Decoding), else the PyTorch ops."""
     name = layer.decode_backend
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_decode_missing(device) is None else "torch"
+    if name == "auto":          # the kernel's check runs once; the PyTorch ops run anywhere
+        return "triton" if device.type == "cuda" and DECODE_BACKENDS["triton"](device) is None else "torch"
     reason = DECODE_BACKENDS[name](device)
     if reason is not None:
         raise RuntimeError(f"attention.decode_backend={name}: {reason}; set attention.decode_backend=torch")

@@ -38,13 +38,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _scores_of(work_ptr, N_PART, bh, G_GATE: tl.constexpr, NB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where the gate's scores [G_GATE, NB] of (row, KV head) `bh` sit in the workspace: after the splits'
+    partial states (N_PART maxima, N_PART sums, N_PART x BLOCK_D outputs)."""
+    return work_ptr + N_PART.to(tl.int64) * (2 + BLOCK_D) + bh.to(tl.int64) * G_GATE * NB
+
+
+@triton.jit
 def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, G,
                              s_qb, s_qh, s_mb, s_mh, s_mn,
                              BLOCK_SIZE: tl.constexpr, NB: tl.constexpr, GATE_CHUNK: tl.constexpr,
                              G_GATE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr):
     """q . mean for GATE_CHUNK candidate blocks of one (row, KV head), for the group's G query heads, in fp32
-    as the operator's gate: into the workspace's scores [B * HKV, G_GATE, NB] (after the splits' partial states,
-    N_PART of each). Candidates at or past a row's own block are left unwritten (the split kernel masks them)."""
+    as the operator's gate: into the workspace's scores (`_scores_of`). Candidates at or past a row's own block
+    are left unwritten (the split kernel masks them)."""
     bh = tl.program_id(0)
     b = bh // HKV
     hkv = bh % HKV
@@ -61,7 +68,7 @@ def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, 
     m_base = means_ptr + b.to(tl.int64) * s_mb + hkv.to(tl.int64) * s_mh
     means = tl.load(m_base + offs_j[:, None] * s_mn + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
     scores = tl.sum(q_gate[:, None, :] * means[None, :, :], axis=2)                   # [G_GATE, GATE_CHUNK]
-    rows = work_ptr + N_PART.to(tl.int64) * (2 + BLOCK_D) + bh.to(tl.int64) * G_GATE * NB
+    rows = _scores_of(work_ptr, N_PART, bh, G_GATE, NB, BLOCK_D)
     tl.store(rows + offs_gg[:, None] * NB + offs_j[None, :], scores, mask=gg_ok[:, None] & j_ok[None, :])
 
 
@@ -94,7 +101,7 @@ def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, work_ptr, N_PART, K,
     n_union = 0
     if N_EXTRA > 0:
         # (1) the gate's scores, written by _moba_decode_gate_kernel: [G_GATE, NB] per (row, KV head)
-        rows = work_ptr + N_PART.to(tl.int64) * (2 + BLOCK_D) + bh.to(tl.int64) * G_GATE * NB
+        rows = _scores_of(work_ptr, N_PART, bh, G_GATE, NB, BLOCK_D)
         # (2) each head's topk - 1 best candidates, by rounds of argmax, on the group's G_GATE rows (not the
         # G_P rows tl.dot needs below: the [heads, NB] tiles are what grows with the context)
         offs_gg = tl.arange(0, G_GATE)
@@ -176,7 +183,8 @@ def _moba_decode_merge_kernel(work_ptr, N_PART, out_ptr, D, G, N_SPLITS, s_ob, s
         at = (base + offs_s) * G_P + g
         m = tl.load(work_ptr + at, mask=s_ok, other=float("-inf"))
         l_s = tl.load(work_ptr + N_PART.to(tl.int64) + at, mask=s_ok, other=0.0)
-        o = tl.load(work_ptr + 2 * N_PART.to(tl.int64) + at[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        o = tl.load(work_ptr + 2 * N_PART.to(tl.int64) + at[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None],
+                    other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(m - m_safe)                  # empty splits (m = -inf) weigh 0

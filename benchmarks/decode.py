@@ -1,13 +1,18 @@
 """Decode tokens/s over a long KV cache: MoBA layers decoding densely (`full`, the paper's setting) or
 sparsely (`moba`: own block + top-(k-1) blocks by the block means kept with the cache), the sparse step run by
-PyTorch ops (`moba`) or by the fused Triton kernel (`moba-triton`, decode_backend=triton; CUDA only).
+PyTorch ops (`moba`) or by the fused Triton kernel (`moba-triton`, decode_backend=triton; CUDA only), or, at
+the attention level, by `DeviceDecodeLayer` (`moba-device`: the kernel with the cache's length and block means
+on the device, one token appended per step, so that one CUDA graph replays every step; CUDA only).
 
 Two levels per context length L:
   attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
              the decode mode changes. For `moba` the first call, which builds the block means from the
              whole cache, is reported apart ("state build"). ms/token synchronises after every step (host
              time included); "pipelined" issues --steps steps back to back and synchronises once; "graph" (CUDA)
-             replays one step captured in a CUDA graph: the device's time alone.
+             replays one step captured in a CUDA graph: the device's time alone; "graph sync" the same replays
+             timed on the host with a synchronisation after each (what a graph-replayed decoding loop pays per
+             step). `full`, `moba` and `moba-triton` replay a step at one cache length; `moba-device` appends
+             a token at every step, replays included (its cache grows from L by a few dozen tokens).
   model      a whole decoding step of a randomly initialised decoder (forward of one token, every layer
              MoBA) after a MoBA prefill of L tokens: what generate() pays per token, with each KV cache
              class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
@@ -37,10 +42,12 @@ import torch
 from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach_plan, build_from_config
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
+from moba_train.models.device_decode import DeviceDecodeLayer
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("full", "moba", "moba-triton")     # decode mode, and for sparse decoding what runs the step
+MODES = ("full", "moba", "moba-triton", "moba-device")   # decode mode, and for sparse decoding what runs the step
+MODEL_MODES = ("full", "moba", "moba-triton")           # moba-device is a layer's step: attention level only
 
 
 def layer_settings(mode: str) -> dict:
@@ -92,11 +99,21 @@ def bench_attention(L: int, mode: str, args) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(args.batch, hq, 1, args.head_dim, generator=g, device=dev, dtype=dtype)
     k, v = (torch.randn(args.batch, hkv, L, args.head_dim, generator=g, device=dev, dtype=dtype) for _ in range(2))
-    layer = LayerAttention("moba", args.block_size, args.topk, "auto", **layer_settings(mode))
-    means = BlockMeans(args.block_size) if mode != "full" else None
+    if mode == "moba-device":
+        # The prefill holds L - 1 tokens; the first step appends the L-th. Room for every step below.
+        appended = args.warmup + 4 * args.steps + 4
+        device_layer = DeviceDecodeLayer(k[:, :, :L - 1], v[:, :, :L - 1], L - 1 + appended, args.block_size,
+                                         args.topk)
+        k_new, v_new = k[:, :, L - 1:].clone(), v[:, :, L - 1:].clone()
 
-    def step():
-        return attend_cached(q, k, v, None, layer, None, means)
+        def step():
+            return device_layer.step(q, k_new, v_new)
+    else:
+        layer = LayerAttention("moba", args.block_size, args.topk, "auto", **layer_settings(mode))
+        means = BlockMeans(args.block_size) if mode != "full" else None
+
+        def step():
+            return attend_cached(q, k, v, None, layer, None, means)
 
     with torch.no_grad():
         build = timed(step, dev)
@@ -107,15 +124,17 @@ def bench_attention(L: int, mode: str, args) -> dict:
         # Steps issued back to back, one synchronisation at the end: what a decoding loop that does not wait on
         # each step pays (the larger of the host's launch time and the device's time).
         pipelined = timed(lambda: [step() for _ in range(args.steps)], dev) / args.steps
-        graph = graph_seconds(step, args) if dev == "cuda" else None
+        graph, graph_sync = graph_seconds(step, args) if dev == "cuda" else (None, None)
     ms = 1e3 * statistics.median(times)
     return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
             "pipelined_ms": 1e3 * pipelined, "graph_ms": None if graph is None else 1e3 * graph,
-            "state_build_ms": 1e3 * build if mode != "full" else None, "peak_gib": peak_gib(dev)}
+            "graph_sync_ms": None if graph_sync is None else 1e3 * graph_sync,
+            "state_build_ms": 1e3 * build if mode not in ("full", "moba-device") else None, "peak_gib": peak_gib(dev)}
 
 
-def graph_seconds(step, args) -> float:
-    """Device time of one step replayed from a CUDA graph (no host work in it): median over --steps replays."""
+def graph_seconds(step, args) -> tuple[float, float]:
+    """One step replayed from a CUDA graph: the device's time (CUDA events, no host work in it) and the host's
+    wall time of a replay and a synchronisation; medians over --steps replays each."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -132,7 +151,13 @@ def graph_seconds(step, args) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    walls = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(times), statistics.median(walls)
 
 
 def plan_for(model, mode: str, args) -> AttentionPlan:
@@ -167,7 +192,7 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
         prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1,
                                                    **given)), dev)
         cache = output_cache(out["o"])
-        for mode in args.modes:
+        for mode in [m for m in args.modes if m in MODEL_MODES]:
             attach_plan(model, plan_for(model, mode, args))
 
             def step(t):
@@ -227,8 +252,8 @@ def main():
         for mode in args.modes:
             bench_attention(max(args.contexts), mode, args)
     print("| context | level | decode | ms/token | tokens/s | vs full | pipelined ms | graph ms | graph vs full "
-          "| state build ms | prefill s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| graph sync ms | graph sync vs full | state build ms | prefill s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for L in args.contexts:
         rows = []
         if "attention" in args.levels:
@@ -240,10 +265,13 @@ def main():
             base = full.get(r["level"])
             ratio = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base else ""
             graph_ratio = f"{base['graph_ms'] / r['graph_ms']:.2f}x" if base and r.get("graph_ms") else ""
+            sync_ratio = (f"{base['graph_sync_ms'] / r['graph_sync_ms']:.2f}x" if base and r.get("graph_sync_ms")
+                          else "")
             cells = [f"{L // 1024}K" if L % 1024 == 0 else str(L), r["level"], r["decode"], f"{r['ms_per_token']:.3f}",
                      f"{r['tokens_per_s']:.0f}", ratio,
                      "" if r.get("pipelined_ms") is None else f"{r['pipelined_ms']:.3f}",
                      "" if r.get("graph_ms") is None else f"{r['graph_ms']:.3f}", graph_ratio,
+                     "" if r.get("graph_sync_ms") is None else f"{r['graph_sync_ms']:.3f}", sync_ratio,
                      "" if r.get("state_build_ms") is None else f"{r['state_build_ms']:.1f}",
                      "" if r.get("prefill_s") is None else f"{r['prefill_s']:.2f}",
                      "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"]

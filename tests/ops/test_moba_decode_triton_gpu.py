@@ -12,7 +12,8 @@ from moba_train.models.cached_attention import decode_backend
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import FAMILIES, stock_model, with_plan
-from tests.ops.test_moba_decode_triton_interpreter import CASES, LAYOUTS, _decode_both
+from tests.ops.test_moba_decode_triton_interpreter import (CASES, DEVICE_CASES, LAYOUTS, _decode_both,
+                                                           _decode_on_the_device)
 
 pytestmark = pytest.mark.gpu
 
@@ -39,6 +40,22 @@ def test_each_step_equals_the_pytorch_decode_path_on_cuda(case, dtype, tol):
 @pytest.mark.parametrize("case", LONG.values(), ids=LONG.keys())
 def test_long_caches_and_real_head_shapes_on_cuda(case, dtype, tol):
     _decode_both(*case, dtype, LAYOUTS["view-of-a-longer-buffer"], steps=3, device="cuda", tol=tol)
+
+
+DEVICE_LONG = {   # as DEVICE_CASES: (query heads, KV heads, head_dim, block_size, topk, prompt lengths, steps)
+    **DEVICE_CASES,
+    "llama3-8b-heads-bs64-top3-padded-two-block-ends": (32, 8, 128, 64, 3, (3000, 2950), 140),
+}
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["eager", "cuda-graph"])
+@pytest.mark.parametrize("case", DEVICE_LONG.values(), ids=DEVICE_LONG.keys())
+def test_decoding_with_the_length_on_the_device_on_cuda(case, capture):
+    """The capturable step, run eagerly and as one CUDA graph replayed per token, against the torch path; its
+    block means against BlockMeans' (fp32 sums in another order on the GPU: one bf16 rounding step apart)."""
+    *shape, steps = case
+    _decode_on_the_device(*shape, torch.bfloat16, steps=steps, device="cuda", tol=DTYPES["bf16"][1],
+                          capture=capture, means_tol=dict(atol=1e-6, rtol=1e-2))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -17,6 +17,7 @@ import torch
 from moba_train.models import LayerAttention, MobaKVCache
 from moba_train.models.block_means import BlockMeans
 from moba_train.models.cached_attention import attend_cached
+from moba_train.models.device_decode import DeviceDecodeLayer
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import stock_model, with_plan
@@ -56,7 +57,7 @@ def test_interpreted_decode_kernel_passes_in_a_fresh_process():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1
+    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES)
     assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
@@ -116,3 +117,66 @@ def test_greedy_generate_with_the_kernel_equals_recomputing():
                              **{model_cache_keyword(model): MobaKVCache.for_model(model, 24)})
     want, _ = greedy_by_recomputing(model, prompt, 14)
     assert torch.equal(out, want)
+
+
+def _decode_on_the_device(hq, hkv, d, bs, topk, prompts, dtype, steps=5, seed=0, device="cpu", tol=None,
+                          capture=False, means_tol=None):
+    """Decode `steps` tokens per row with `DeviceDecodeLayer` (lengths and block means on the device; with
+    `capture`, one CUDA graph replayed per step) and with the torch path over the growing cache: every step's
+    output, and in the end the block means, must agree."""
+    g = torch.Generator().manual_seed(seed)
+    B, K0 = len(prompts), max(prompts)
+    K = K0 + steps
+    q = torch.randn(B, hq, K, d, generator=g).to(device, dtype)
+    k = torch.randn(B, hkv, K, d, generator=g).to(device, dtype)
+    v = torch.randn(B, hkv, K, d, generator=g).to(device, dtype)
+    valid = torch.zeros(B, K, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        valid[b, K0 - p:] = True
+    layer = DeviceDecodeLayer(k[:, :, :K0], v[:, :, :K0], K + 7, bs, topk, key_valid=valid[:, :K0])
+    layer.keys[:, :, K0:] = float("nan")               # slots past the length must never be read
+    layer.values[:, :, K0:] = float("nan")
+    torch_layer = LayerAttention("moba", bs, topk, "auto", decode_backend="torch")
+    means = BlockMeans(bs)
+    tol = tol or (dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3))
+    inputs = [t[:, :, K0:K0 + 1].clone() for t in (q, k, v)]     # the step's static input buffers
+
+    def step():
+        return layer.step(*inputs)
+
+    graph = None
+    for t in range(K0, K):
+        for buffer, source in zip(inputs, (q, k, v)):
+            buffer.copy_(source[:, :, t:t + 1])
+        if capture and t > K0:                      # the first step runs eagerly (compiles), then one graph
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    got = step()                    # recorded, not run: the replay below runs it
+            graph.replay()
+        else:
+            got = step()
+        want = attend_cached(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], valid[:, :t + 1], torch_layer, None,
+                             means)
+        assert int(layer.length) == t + 1
+        assert got.dtype == want.dtype == dtype and not got.isnan().any()
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m, step=t: f"step {step}: {m}")
+    for b, done in enumerate(means.complete):
+        assert done > 0
+        torch.testing.assert_close(layer.means[b, :, :done], means.means[b, :, :done],
+                                   **(means_tol or dict(atol=0, rtol=0)))
+        assert not layer.means[b, :, done:].any(), "a block mean was written before its block completed"
+
+
+# Rows whose block ends fall inside the steps (and some that do not), left padding, GQA.
+DEVICE_CASES = {
+    "gqa3-d64-bs16-top3-padded": (6, 2, 64, 16, 3, (45, 20, 29), 20),
+    "gqa4-d128-bs16-top3-two-gate-programs": (8, 2, 128, 16, 3, (300, 270), 6),
+}
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", DEVICE_CASES.values(), ids=DEVICE_CASES.keys())
+def test_decoding_with_the_length_on_the_device_equals_the_pytorch_decode_path(case):
+    *shape, steps = case
+    _decode_on_the_device(*shape, torch.float32, steps=steps)

@@ -45,16 +45,19 @@ def _scores_of(work_ptr, N_PART, bh, G_GATE: tl.constexpr, NB: tl.constexpr, BLO
 
 
 @triton.jit
-def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, G,
+def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, len_ptr, work_ptr, N_PART, K, D, G,
                              s_qb, s_qh, s_mb, s_mh, s_mn,
                              BLOCK_SIZE: tl.constexpr, NB: tl.constexpr, GATE_CHUNK: tl.constexpr,
-                             G_GATE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr):
+                             G_GATE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr,
+                             LEN_FROM_PTR: tl.constexpr):
     """q . mean for GATE_CHUNK candidate blocks of one (row, KV head), for the group's G query heads, in fp32
     as the operator's gate: into the workspace's scores (`_scores_of`). Candidates at or past a row's own block
     are left unwritten (the split kernel masks them)."""
     bh = tl.program_id(0)
     b = bh // HKV
     hkv = bh % HKV
+    if LEN_FROM_PTR:
+        K = tl.load(len_ptr).to(tl.int32)
     pad = tl.load(pad_ptr + b).to(tl.int32)
     own = (K - 1 - pad) // BLOCK_SIZE
     offs_j = tl.program_id(1) * GATE_CHUNK + tl.arange(0, GATE_CHUNK)
@@ -73,12 +76,12 @@ def _moba_decode_gate_kernel(q_ptr, means_ptr, pad_ptr, work_ptr, N_PART, K, D, 
 
 
 @triton.jit
-def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, work_ptr, N_PART, K, D, G, scale2,
+def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, len_ptr, work_ptr, N_PART, K, D, G, scale2,
                               s_qb, s_qh, s_kb, s_kh, s_kk, s_vb, s_vh, s_vk,
                               BLOCK_SIZE: tl.constexpr, N_EXTRA: tl.constexpr, NB: tl.constexpr,
                               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
                               G_GATE: tl.constexpr, G_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                              HKV: tl.constexpr, IEEE: tl.constexpr):
+                              HKV: tl.constexpr, IEEE: tl.constexpr, LEN_FROM_PTR: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -92,6 +95,8 @@ def _moba_decode_split_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, work_ptr, N_PART, K,
     d_ok = offs_d < D
     q_rows = q_ptr + b.to(tl.int64) * s_qb + (hkv * G + offs_g)[:, None] * s_qh + offs_d[None, :]
     q = tl.load(q_rows, mask=g_ok[:, None] & d_ok[None, :], other=0.0)             # [G_P, BLOCK_D], input dtype
+    if LEN_FROM_PTR:
+        K = tl.load(len_ptr).to(tl.int32)
     pad = tl.load(pad_ptr + b).to(tl.int32)
     pos = K - 1 - pad                        # the new token's position in its row's sequence
     own = pos // BLOCK_SIZE                  # its block; blocks 0 .. own - 1 are complete candidates
@@ -197,18 +202,27 @@ def _moba_decode_merge_kernel(work_ptr, N_PART, out_ptr, D, G, N_SPLITS, s_ob, s
 
 
 def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, means: torch.Tensor,
-                     pad_slots: torch.Tensor, block_size: int, topk: int, softmax_scale: float) -> torch.Tensor:
+                     pad_slots: torch.Tensor, block_size: int, topk: int, softmax_scale: float,
+                     length: torch.Tensor | None = None) -> torch.Tensor:
     """One new query per row: query [B, Hq, 1, D], the cache key/value [B, Hkv, K, D] (its last slot the new
     token's), `means` [B, Hkv, capacity, D] fp32 holding at least every complete block before each row's own
-    block, `pad_slots` [B] (leading padding slots per row). Returns [B, 1, Hq, D] in the query's dtype."""
+    block, `pad_slots` [B] (leading padding slots per row). Returns [B, 1, Hq, D] in the query's dtype.
+
+    `length`, a one-element int tensor on the device: the cache holds that many filled slots (the new token's
+    the last of them) and key/value are its whole preallocated buffers. Launch sizes then depend on the buffers'
+    capacity alone, so a CUDA graph can capture the step and replay it as the cache grows."""
     B, Hq, S, D = query.shape
-    Hkv, K = key.shape[1], key.shape[2]
+    Hkv, K = key.shape[1], key.shape[2]          # with `length`: the capacity, which bounds every launch size
     if S != 1:
         raise ValueError(f"the fused MoBA decode kernel takes one new token per row, got {S}")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or means.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("the fused MoBA decode kernel needs unit stride along head_dim")
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads do not share {Hkv} KV heads evenly")
+    if length is not None and (length.numel() != 1 or length.dtype not in (torch.int32, torch.int64)
+                               or length.device != key.device):
+        raise ValueError(f"length must be one int32/int64 element on {key.device}, got {tuple(length.shape)} "
+                         f"{length.dtype} on {length.device}")
     G = Hq // Hkv
     g_gate = triton.next_power_of_2(G)
     g_p = max(16, g_gate)                            # tl.dot takes at least 16 rows
@@ -226,20 +240,22 @@ def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     work = torch.empty(n_part * (2 + block_d) + (B * Hkv * g_gate * nb if gating else 0),
                        dtype=torch.float32, device=query.device)
     q = query[:, :, 0]
+    from_ptr = length is not None
+    len_arg = length if from_ptr else pad_slots      # an unread pointer when the length is K
     if gating:
         gate_chunk = max(1, GATE_ELEMENTS // (g_gate * block_d))
         _moba_decode_gate_kernel[(B * Hkv, triton.cdiv(candidates, gate_chunk))](
-            q, means, pad_slots, work, n_part, K, D, G,
+            q, means, pad_slots, len_arg, work, n_part, K, D, G,
             q.stride(0), q.stride(1), means.stride(0), means.stride(1), means.stride(2),
             BLOCK_SIZE=block_size, NB=nb, GATE_CHUNK=gate_chunk, G_GATE=g_gate, BLOCK_D=block_d, HKV=Hkv,
-            num_warps=4)
+            LEN_FROM_PTR=from_ptr, num_warps=4)
     _moba_decode_split_kernel[(B * Hkv, n_splits)](
-        q, key, value, pad_slots, work, n_part, K, D, G, softmax_scale * LOG2E,
+        q, key, value, pad_slots, len_arg, work, n_part, K, D, G, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         BLOCK_SIZE=block_size, N_EXTRA=n_extra if gating else 0, NB=nb, CHUNKS=chunks, CHUNK=chunk,
         BLOCK_N=min(BLOCK_N, chunk), G_GATE=g_gate, G_P=g_p, BLOCK_D=block_d, HKV=Hkv,
-        IEEE=query.dtype == torch.float32, num_warps=4)
+        IEEE=query.dtype == torch.float32, LEN_FROM_PTR=from_ptr, num_warps=4)
     out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
     _moba_decode_merge_kernel[(B, Hq)](work, n_part, out, D, G, n_splits, out.stride(0), out.stride(1),
                                        G_P=g_p, BLOCK_D=block_d, MERGE_SPLITS=MERGE_SPLITS, num_warps=4)

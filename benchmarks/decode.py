@@ -18,6 +18,9 @@ Two levels per context length L:
              class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
              i.e. copies the whole cache every step whatever the decode mode) and `moba` (moba-train's
              MobaKVCache: allocated once, appended in place). "vs full" compares within one cache class.
+             `full-graph` and `moba-graph` (CUDA, MobaKVCache): whole greedy steps replayed from one CUDA
+             graph (`models.graph_decode.GreedySteps`), dense or with the kernel, synchronised after every
+             replay; their "vs full" compares moba-graph with full-graph.
 
 CPU (small, fp32):
     python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
@@ -43,15 +46,21 @@ from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.device_decode import DeviceDecodeLayer
+from moba_train.models.graph_decode import GreedySteps
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("full", "moba", "moba-triton", "moba-device")   # decode mode, and for sparse decoding what runs the step
-MODEL_MODES = ("full", "moba", "moba-triton")           # moba-device is a layer's step: attention level only
+# decode mode, and for sparse decoding what runs the step. moba-device is one layer's step (attention level);
+# full-graph and moba-graph are whole model steps replayed from a CUDA graph (model level, MobaKVCache, CUDA).
+MODES = ("full", "moba", "moba-triton", "moba-device", "full-graph", "moba-graph")
+ATTENTION_MODES = ("full", "moba", "moba-triton", "moba-device")
+MODEL_MODES = ("full", "moba", "moba-triton", "full-graph", "moba-graph")
+GRAPH_MODES = {"full-graph": "full", "moba-graph": "moba-triton"}   # the eager mode whose plan each replays
 
 
 def layer_settings(mode: str) -> dict:
     """The plan's decode keys of a benchmark mode."""
+    mode = GRAPH_MODES.get(mode, mode)
     return {"decode": "full"} if mode == "full" else {"decode": "moba",
                                                       "decode_backend": "triton" if mode == "moba-triton" else "torch"}
 MODELS = {
@@ -102,8 +111,8 @@ def bench_attention(L: int, mode: str, args) -> dict:
     if mode == "moba-device":
         # The prefill holds L - 1 tokens; the first step appends the L-th. Room for every step below.
         appended = args.warmup + 4 * args.steps + 4
-        device_layer = DeviceDecodeLayer(k[:, :, :L - 1], v[:, :, :L - 1], L - 1 + appended, args.block_size,
-                                         args.topk)
+        device_layer = DeviceDecodeLayer.from_prefill(k[:, :, :L - 1], v[:, :, :L - 1], L - 1 + appended,
+                                                       args.block_size, args.topk)
         k_new, v_new = k[:, :, L - 1:].clone(), v[:, :, L - 1:].clone()
 
         def step():
@@ -185,7 +194,8 @@ def bench_model(L: int, args) -> list[dict]:
 def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args) -> list[dict]:
     dev = args.device
     attach_plan(model, plan_for(model, "moba", args))
-    given = ({cache_kw: MobaKVCache.for_model(model, L + args.warmup + args.steps)} if cache_class == "moba" else {})
+    room = L + args.warmup + args.steps + 2           # + 2: a graph mode's eager and captured steps
+    given = ({cache_kw: MobaKVCache.for_model(model, room)} if cache_class == "moba" else {})
     rows = []
     with torch.no_grad():
         out = {}
@@ -194,6 +204,10 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
         cache = output_cache(out["o"])
         for mode in [m for m in args.modes if m in MODEL_MODES]:
             attach_plan(model, plan_for(model, mode, args))
+            if mode in GRAPH_MODES:
+                if cache_class == "moba" and dev == "cuda":
+                    rows.append(_bench_model_graph(model, cache, out["o"], L, mode, prefill, args))
+                continue
 
             def step(t):
                 model(input_ids=ids[:, t:t + 1], **{cache_kw: cache}, use_cache=True)
@@ -209,6 +223,21 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
                          "peak_gib": peak_gib(dev)})
     del cache, out
     return rows
+
+
+def _bench_model_graph(model, cache, prefill_out, L: int, mode: str, prefill_s: float, args) -> dict:
+    """Whole model steps replayed from one CUDA graph (`graph_decode.GreedySteps`: the cache's lengths and block
+    means on the device), continuing the prefill in `cache`; synchronised after every replay."""
+    last = torch.full((args.batch, 1), L - 1, device=args.device)
+    decoding = GreedySteps(model, cache, prefill_out.logits[:, -1], last, args.warmup + args.steps + 2)
+    decoding.capture()
+    for _ in range(args.warmup):
+        decoding.replay()
+    reset_peak(args.device)
+    times = [timed(decoding.replay, args.device) for _ in range(args.steps)]
+    ms = 1e3 * statistics.median(times)
+    return {"level": "model/moba", "model": args.model, "cache": "moba", "context": L, "decode": mode,
+            "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "prefill_s": prefill_s, "peak_gib": peak_gib(args.device)}
 
 
 def main():
@@ -249,7 +278,7 @@ def main():
     if "attention" in args.levels:
         # Untimed pass at the longest context: otherwise the first cases of a process pay one-off costs
         # (lazy inits; on CPU, glibc's mmap threshold, which rises only once large blocks have been freed).
-        for mode in args.modes:
+        for mode in [m for m in args.modes if m in ATTENTION_MODES]:
             bench_attention(max(args.contexts), mode, args)
     print("| context | level | decode | ms/token | tokens/s | vs full | pipelined ms | graph ms | graph vs full "
           "| graph sync ms | graph sync vs full | state build ms | prefill s | peak GiB |")
@@ -257,12 +286,13 @@ def main():
     for L in args.contexts:
         rows = []
         if "attention" in args.levels:
-            rows += [bench_attention(L, mode, args) for mode in args.modes]
+            rows += [bench_attention(L, mode, args) for mode in args.modes if mode in ATTENTION_MODES]
         if "model" in args.levels:
             rows += bench_model(L, args)
         full = {r["level"]: r for r in rows if r["decode"] == "full"}
+        full_graph = {r["level"]: r for r in rows if r["decode"] == "full-graph"}
         for r in rows:
-            base = full.get(r["level"])
+            base = (full_graph if r["decode"] in GRAPH_MODES else full).get(r["level"])   # graph vs graph
             ratio = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base else ""
             graph_ratio = f"{base['graph_ms'] / r['graph_ms']:.2f}x" if base and r.get("graph_ms") else ""
             sync_ratio = (f"{base['graph_sync_ms'] / r['graph_sync_ms']:.2f}x" if base and r.get("graph_sync_ms")

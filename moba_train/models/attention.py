@@ -30,7 +30,7 @@ from ..ops import moba_attn_varlen
 from ..ops.full_attn import full_attn_varlen
 from .cached_attention import attend_cached, cached_kind
 from .context import AttentionContext, attention_context, has_context
-from .decode_cache import cache_block_means, track_kv_caches
+from .decode_cache import cache_block_means, device_decoding, track_kv_caches
 from .hf_compat import cache_argument
 from .plan import AttentionPlan, LayerAttention
 
@@ -129,6 +129,9 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
         if window is not None and K > window:
             raise ValueError(f"the cache holds {K} tokens, more than sliding_window={window}, which moba-train does not "
                              f"implement; set config.sliding_window = None")
+        decoding = device_decoding(module, layer)
+        if decoding is not None:            # lengths on the device (graph_decode): the step is capturable
+            return decoding.attend(query, scaling), None
         block_means = (cache_block_means(module, K - S, layer.block_size, layer.centroids)
                        if cached_kind(layer) == "moba" else None)
         return attend_cached(query, key, value, padding, layer, scaling, block_means), None

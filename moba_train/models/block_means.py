@@ -17,7 +17,7 @@ from ..ops.moba import block_means, build_layout
 MEANS_CHUNK_ELEMENTS = 1 << 24
 
 
-def _left_padding(key_valid: torch.Tensor | None, batch: int, slots: int) -> list[int]:
+def left_padding(key_valid: torch.Tensor | None, batch: int, slots: int) -> list[int]:
     """Leading padding slots of each row; refuses padding anywhere but on the left."""
     if key_valid is None:
         return [0] * batch
@@ -60,7 +60,7 @@ class BlockMeans:
         """
         B, Hkv, K, D = key.shape
         if self.means is None:
-            self.pad = _left_padding(key_valid, B, K)
+            self.pad = left_padding(key_valid, B, K)
             self.pad_slots = torch.tensor(self.pad, dtype=torch.int64, device=key.device)
             self.complete = [0] * B
             self.means = torch.zeros(B, Hkv, 0, D, dtype=torch.float32, device=key.device)
@@ -116,4 +116,4 @@ class BlockMeans:
             self.means[row, :, lo:hi] = block_means(tokens, layout, self.centroids).transpose(0, 1)
 
 
-__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS"]
+__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS", "left_padding"]

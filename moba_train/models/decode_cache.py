@@ -20,8 +20,10 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from .block_means import BlockMeans
 from .context import attention_context
+from .device_decode import DeviceDecodeLayer, DeviceKVLayer
 from .hf_compat import cache_argument
 from .kv_cache import MobaKVLayer
+from .plan import LayerAttention
 
 log = logging.getLogger(__name__)
 
@@ -107,4 +109,19 @@ def cache_block_means(module: torch.nn.Module, slots_before: int, block_size: in
     return state
 
 
-__all__ = ["BlockMeans", "KVCacheStates", "cache_block_means", "track_kv_caches"]
+def device_decoding(module: torch.nn.Module, layer: LayerAttention) -> DeviceDecodeLayer | None:
+    """The `DeviceDecodeLayer` of the cache this call decodes with, if it is a device decoding cache
+    (`graph_decode.device_kv_cache`), else None. `layer`, the module's attention now, must be the one the
+    cache was built for: its block means and kernel settings were fixed then."""
+    states = attention_context(module).kv_caches
+    cache = states.current() if states.current is not None else None
+    cache_layer = _cache_layer(cache, module.layer_idx)
+    if not isinstance(cache_layer, DeviceKVLayer):
+        return None
+    if cache_layer.plan != layer:
+        raise ValueError(f"layer {module.layer_idx} attends as {layer.describe()} ({layer}), but its device decoding "
+                         f"cache was built for {cache_layer.plan}: build the cache again after changing the plan")
+    return cache_layer.decoding
+
+
+__all__ = ["BlockMeans", "KVCacheStates", "cache_block_means", "device_decoding", "track_kv_caches"]

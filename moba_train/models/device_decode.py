@@ -1,4 +1,4 @@
-"""One MoBA layer's sparse decoding step with the cache's length and block means on the device: CUDA-graph capturable.
+"""One layer's decoding step with the cache's length and block means on the device: CUDA-graph capturable.
 
 `MobaKVCache` keeps its length and `BlockMeans` its complete-block counts in Python, so every step launches
 kernels sized by the cache so far, and a CUDA graph captured at one length is wrong at the next. At batch 1
@@ -8,79 +8,112 @@ quantity that changes from step to step lives on the device:
 
 - the keys and values sit in buffers of a fixed capacity; the new token is written at the slot `length`
   holds (`index_copy_`), then `length` grows by one, both on the device;
-- the block means sit in a buffer of capacity // block_size blocks; each step computes the mean of the block
-  that ends at the new token and writes it where a row completes a block, leaving the others as they were (a
-  masked write, no host branch), with the operator's own `block_means`, so the gate sees what the operator's
-  sees for the same sequence;
+- the block means (MoBA layers) sit in a buffer of capacity // block_size blocks; each step computes the mean
+  of the block that ends at the new token and writes it where a row completes a block, leaving the others as
+  they were (a masked write, no host branch), with the operator's own `block_means`, so the gate sees what
+  the operator's sees for the same sequence;
 - the fused kernel (`ops.moba.decode_triton.moba_decode_step` with `length`) reads the length from the
-  device and sizes its launches by the capacity.
+  device and sizes its launches by the capacity; a layer that decodes densely masks the slots past the length.
 
-So one captured `step` replays as the cache grows:
+So one captured step replays as the cache grows:
 
-    layer = DeviceDecodeLayer(prefill_keys, prefill_values, capacity, block_size=512, topk=3)
+    layer = DeviceDecodeLayer.from_prefill(prefill_keys, prefill_values, capacity, block_size=512, topk=3)
     out = layer.step(q, k_new, v_new)              # eager, once: compiles the kernels
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = layer.step(q, k_new, v_new)          # q, k_new, v_new: static input buffers
     for token in ...: (fill q, k_new, v_new); graph.replay()   # out holds each step's attention
 
-Replaying past the capacity indexes out of the buffers (a device-side assertion): the caller counts its
-replays, at most capacity - prefill length of them. Rows may be left-padded (`key_valid` at construction);
-every appended token is real.
+`models.graph_decode` does this for whole model steps. Replaying past the capacity indexes out of the buffers
+(a device-side assertion): the caller counts its replays, at most capacity - prefill length of them. Rows may be
+left-padded (`key_valid` of the prefill); every appended token is real.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..ops.moba import block_means, build_layout
-from .block_means import BlockMeans
+from .block_means import BlockMeans, left_padding
+from .kv_cache import MobaKVLayer
+from .plan import LayerAttention
 
 
 class DeviceDecodeLayer:
-    """One layer's KV buffers [B, Hkv, capacity, D], block means [B, Hkv, capacity // block_size, D] (fp32) and
-    filled length ([1] int64), all on the keys' device; `step` appends a token and attends, capturable."""
+    """One layer's KV buffers [B, Hkv, capacity, D], filled length ([1] int64) and, for a MoBA layer that decodes
+    sparsely (`block_size` given), its block means [B, Hkv, capacity // block_size, D] in fp32; all on the
+    buffers' device. `append` then `attend` (or `step`, both) launch the same work at every length."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, block_size: int, topk: int,
-                 softmax_scale: float | None = None, centroids: str = "reference",
-                 key_valid: torch.Tensor | None = None):
-        """keys/values [B, Hkv, L, D]: the prefill's cache (key_valid [B, L], False on left padding, or None)."""
-        B, Hkv, L, D = keys.shape
-        if capacity <= L:
-            raise ValueError(f"DeviceDecodeLayer needs room to append: capacity {capacity} <= the prefill's {L} "
-                             f"slots; pass capacity >= prompt length + new tokens")
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int, block_size: int | None = None,
+                 topk: int = 0, centroids: str = "reference", key_valid: torch.Tensor | None = None):
+        """keys/values [B, Hkv, capacity, D]: buffers whose first `filled` slots hold the prefill (key_valid
+        [B, filled], False on left padding, or None); they are used in place. `block_size` None: dense."""
+        B, Hkv, capacity, D = keys.shape
+        if capacity <= filled:
+            raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's "
+                             f"{filled} slots; allocate capacity >= prompt length + new tokens")
+        self.keys, self.values = keys, values
         self.block_size, self.topk, self.centroids = block_size, topk, centroids
-        self.softmax_scale = softmax_scale if softmax_scale is not None else D ** -0.5
-        self.keys = keys.new_empty(B, Hkv, capacity, D)
-        self.values = values.new_empty(B, Hkv, capacity, values.shape[-1])
-        self.keys[:, :, :L] = keys
-        self.values[:, :, :L] = values
-        prefill = BlockMeans(block_size, centroids)           # the prefill's complete blocks, as eager decoding has
-        prefill.update(keys, key_valid)
-        self.means = torch.zeros(B, Hkv, capacity // block_size, D, dtype=torch.float32, device=keys.device)
-        done = prefill.max_complete
-        self.means[:, :, :done] = prefill.means[:, :, :done]
-        self.pad_slots = prefill.pad_slots
-        self.length = torch.tensor([L], dtype=torch.int64, device=keys.device)
-        # Fixed index tensors of the per-step block mean: built here, as a captured step cannot copy from the host.
-        self._rows = torch.arange(B, device=keys.device)
-        self._block_offsets = torch.arange(-block_size, 0, device=keys.device)
-        self._row_blocks = build_layout([row * block_size for row in range(B + 1)], block_size, keys.device)
+        self.pad_slots = torch.tensor(left_padding(key_valid, B, filled), dtype=torch.int64, device=keys.device)
+        if block_size is not None:     # the prefill's complete blocks, as eager decoding has them
+            prefill = BlockMeans(block_size, centroids)
+            prefill.update(keys[:, :, :filled], key_valid)
+            self.means = torch.zeros(B, Hkv, capacity // block_size, D, dtype=torch.float32, device=keys.device)
+            done = prefill.max_complete
+            self.means[:, :, :done] = prefill.means[:, :, :done]
+            # Fixed index tensors of the per-step block mean, built here: a captured step cannot copy from the host.
+            self._rows = torch.arange(B, device=keys.device)
+            self._block_offsets = torch.arange(-block_size, 0, device=keys.device)
+            self._row_blocks = build_layout([row * block_size for row in range(B + 1)], block_size, keys.device)
+        self.length = torch.tensor([filled], dtype=torch.int64, device=keys.device)
+        self._slots = torch.arange(capacity, device=keys.device)
+
+    @classmethod
+    def from_prefill(cls, keys: torch.Tensor, values: torch.Tensor, capacity: int, block_size: int | None = None,
+                     topk: int = 0, centroids: str = "reference",
+                     key_valid: torch.Tensor | None = None) -> "DeviceDecodeLayer":
+        """Buffers of `capacity` slots holding a copy of keys/values [B, Hkv, L, D]."""
+        B, Hkv, L, D = keys.shape
+        key_buf = keys.new_empty(B, Hkv, max(capacity, L), D)
+        value_buf = values.new_empty(B, Hkv, max(capacity, L), values.shape[-1])
+        key_buf[:, :, :L] = keys
+        value_buf[:, :, :L] = values
+        return cls(key_buf, value_buf, L, block_size, topk, centroids, key_valid)
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query [B, Hq, 1, D], the new token's key/value [B, Hkv, 1, D] -> attention output [B, 1, Hq, D]."""
-        from ..ops.moba.decode_triton import moba_decode_step
-
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """The new token's key/value [B, Hkv, 1, D] into the slot `length`; then length + 1."""
         self.keys.index_copy_(2, self.length, key)
         self.values.index_copy_(2, self.length, value)
         self.length += 1
+
+    def attend(self, query: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+        """query [B, Hq, 1, D] of the token appended last -> attention output [B, 1, Hq, D]."""
+        scale = softmax_scale if softmax_scale is not None else query.shape[-1] ** -0.5
+        if self.block_size is None:
+            return self._attend_dense(query, scale)
+        from ..ops.moba.decode_triton import moba_decode_step
+
         self._add_completed_block()
         return moba_decode_step(query, self.keys, self.values, self.means, self.pad_slots, self.block_size,
-                                self.topk, self.softmax_scale, self.length)
+                                self.topk, scale, self.length)
+
+    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             softmax_scale: float | None = None) -> torch.Tensor:
+        self.append(key, value)
+        return self.attend(query, softmax_scale)
+
+    def _attend_dense(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Dense attention over the whole buffer, masked to each row's real slots below the length (SDPA reads
+        every slot of the capacity: a dense layer's step costs what it would at a full cache)."""
+        real = (self._slots[None, :] >= self.pad_slots[:, None]) & (self._slots[None, :] < self.length)   # [B, cap]
+        out = F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=real[:, None, None], scale=scale,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
 
     def _add_completed_block(self) -> None:
         """Where the new token completes a row's block, write that block's mean (rows are left-padded by
@@ -98,4 +131,34 @@ class DeviceDecodeLayer:
         self.means[self._rows, :, block] = torch.where(completes[:, None, None], fresh, kept)
 
 
-__all__ = ["DeviceDecodeLayer"]
+class DeviceKVLayer(MobaKVLayer):
+    """A `MobaKVLayer` after its prefill, taken over by a `DeviceDecodeLayer` (same buffers, no copy): `update`
+    appends at the device's length and hands attention the whole buffers, and moba-train's attention runs
+    `decoding.attend` (`decode_cache.device_decoding`). The host's `length` stays the prefill's: transformers'
+    mask bookkeeping reads it once, when a step is captured, and moba-train's attention takes no mask from it."""
+
+    is_croppable = False
+
+    def __init__(self, prefilled: MobaKVLayer, decoding: DeviceDecodeLayer, plan: LayerAttention):
+        super().__init__(prefilled.max_cache_len)
+        self._keys, self._values = decoding.keys, decoding.values
+        self.length = prefilled.length
+        self.device = decoding.keys.device
+        self.is_initialized = True
+        self._views()
+        self.decoding = decoding
+        self.plan = plan                   # the layer's attention when the cache was built
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.decoding.append(key_states, value_states)
+        return self.decoding.keys, self.decoding.values
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("a device decoding cache only appends (greedy decoding, fixed batch): crop, "
+                                  "reorder, reset and batch changes need MobaKVCache with generate()")
+
+    crop = reset = reorder_cache = batch_select_indices = batch_repeat_interleave = _refuse
+
+
+__all__ = ["DeviceDecodeLayer", "DeviceKVLayer"]

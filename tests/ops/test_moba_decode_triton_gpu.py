@@ -12,8 +12,9 @@ from moba_train.models.cached_attention import decode_backend
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import FAMILIES, stock_model, with_plan
-from tests.ops.test_moba_decode_triton_interpreter import (CASES, DEVICE_CASES, LAYOUTS, _decode_both,
-                                                           _decode_on_the_device)
+from moba_train.models.graph_decode import greedy_decode
+from tests.ops.test_moba_decode_triton_interpreter import (CASES, DEVICE_CASES, GREEDY_CASES, LAYOUTS, _decode_both,
+                                                           _decode_on_the_device, greedy_by_generate)
 
 pytestmark = pytest.mark.gpu
 
@@ -95,3 +96,15 @@ def test_left_padded_batch_generates_each_row_as_alone_on_cuda():
 def test_auto_decodes_with_the_kernel_on_cuda():
     layer = AttentionPlan.from_config({"block_size": 4, "topk": 2, "moba_layers": "all"}, 1).at(0)
     assert layer.decode_backend == "auto" and decode_backend(layer, torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("case", GREEDY_CASES.values(), ids=GREEDY_CASES.keys())
+def test_greedy_decode_in_a_cuda_graph_equals_generate_on_cuda(case, family):
+    """One captured model step replayed per token (lengths and block means on the device) against generate()
+    with MobaKVCache, eager: the same tokens, fp32."""
+    plan, prompts = case
+    model = with_plan(stock_model(family), plan).cuda()
+    ids, mask, want = greedy_by_generate(model, prompts, 30, device="cuda")
+    got = greedy_decode(model, ids, 30, attention_mask=mask)
+    assert torch.equal(got, want)

@@ -18,6 +18,7 @@ from moba_train.models import LayerAttention, MobaKVCache
 from moba_train.models.block_means import BlockMeans
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.device_decode import DeviceDecodeLayer
+from moba_train.models.graph_decode import greedy_decode
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import stock_model, with_plan
@@ -57,7 +58,7 @@ def test_interpreted_decode_kernel_passes_in_a_fresh_process():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES)
+    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES) + len(GREEDY_CASES)
     assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
@@ -133,7 +134,7 @@ def _decode_on_the_device(hq, hkv, d, bs, topk, prompts, dtype, steps=5, seed=0,
     valid = torch.zeros(B, K, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
         valid[b, K0 - p:] = True
-    layer = DeviceDecodeLayer(k[:, :, :K0], v[:, :, :K0], K + 7, bs, topk, key_valid=valid[:, :K0])
+    layer = DeviceDecodeLayer.from_prefill(k[:, :, :K0], v[:, :, :K0], K + 7, bs, topk, key_valid=valid[:, :K0])
     layer.keys[:, :, K0:] = float("nan")               # slots past the length must never be read
     layer.values[:, :, K0:] = float("nan")
     torch_layer = LayerAttention("moba", bs, topk, "auto", decode_backend="torch")
@@ -180,3 +181,39 @@ DEVICE_CASES = {
 def test_decoding_with_the_length_on_the_device_equals_the_pytorch_decode_path(case):
     *shape, steps = case
     _decode_on_the_device(*shape, torch.float32, steps=steps)
+
+
+# (plan, prompt lengths of the rows, left-padded to the longest): MoBA everywhere, and the last layer dense
+GREEDY_CASES = {
+    "all-moba": ({"block_size": 4, "topk": 2, "moba_layers": "all", "decode_backend": "triton"}, (10,)),
+    "last-layer-full-padded": ({"block_size": 4, "topk": 2, "moba_layers": {"all_but_last": 1},
+                                "decode_backend": "triton"}, (10, 6, 9)),
+}
+
+
+def greedy_by_generate(model, prompts: tuple[int, ...], new: int, device="cpu", seed=4):
+    """Left-padded random prompts and generate()'s greedy continuation of them with MobaKVCache."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(prompts)
+    ids = torch.randint(1, 256, (len(prompts), P), generator=g)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        mask[b, P - p:] = 1
+    ids = (ids * mask).to(device)                                  # pad token 0
+    mask = mask.to(device) if len(prompts) > 1 else None
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              **{model_cache_keyword(model): MobaKVCache.for_model(model, P + new)})
+    return ids, mask, want
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", GREEDY_CASES.values(), ids=GREEDY_CASES.keys())
+def test_greedy_decode_with_the_length_on_the_device_equals_generate(case):
+    plan, prompts = case
+    model = with_plan(stock_model("llama"), plan)
+    ids, mask, want = greedy_by_generate(model, prompts, 14)
+    got = greedy_decode(model, ids, 14, attention_mask=mask)
+    assert torch.equal(got, want)

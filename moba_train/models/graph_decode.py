@@ -1,0 +1,131 @@
+"""Greedy decoding with one CUDA graph replay per token, for models running moba-train's attention.
+
+`generate()` runs every step eagerly: for a small model at batch 1 the host (transformers' Python, the
+launches of some 20 kernels per layer) is the step, not the GPU (docs/benchmarks.md, Decoding: the SmolLM2
+shape spends ~27 ms a token on the host against well under 1 ms of attention). Here the prompt is prefilled
+into a `MobaKVCache`; its layers are then taken over by `DeviceDecodeLayer`s (lengths and block means on the
+device, `models.device_decode`), so one model step, the token's choice and the cache's growth included, is
+the same work at every length: captured once as a CUDA graph and replayed once per new token.
+
+    ids = greedy_decode(model, input_ids, max_new_tokens=256)            # [B, prompt + 256]
+
+Greedy only, a fixed number of new tokens (a replay cannot stop at EOS: cut the result there), a fixed batch;
+left padding through `attention_mask`. Sparse MoBA layers run the fused kernel (`decode_backend` auto or
+triton); layers that decode densely attend over the whole buffer, masked to the filled slots. On a CPU (or
+with `cuda_graph=False`) the same steps run eagerly: what the tests compare with `generate()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .attention import attention_modules
+from .cached_attention import cached_kind, decode_backend
+from .context import attention_context
+from .device_decode import DeviceDecodeLayer, DeviceKVLayer
+from .hf_compat import model_cache_keyword, output_cache
+from .kv_cache import MobaKVCache, MobaKVLayer
+
+
+def device_kv_cache(model: torch.nn.Module, cache: MobaKVCache, attention_mask: torch.Tensor | None = None) -> Cache:
+    """A cache whose layers continue `cache` (prefilled by `model`; its buffers are used in place) with their
+    lengths and block means on the device. `attention_mask` [B, prompt]: the prefill's (left padding)."""
+    modules = attention_modules(model)
+    if not isinstance(cache, MobaKVCache) or len(cache.layers) != len(modules):
+        raise ValueError(f"device decoding continues a MobaKVCache of the model's {len(modules)} layers, got "
+                         f"{type(cache).__name__}")
+    key_valid = attention_mask.bool() if attention_mask is not None else None
+    layers = []
+    for module, prefilled in zip(modules, cache.layers):
+        if not isinstance(prefilled, MobaKVLayer) or not prefilled.is_initialized:
+            raise ValueError(f"layer {module.layer_idx} of the cache holds no prefill: run the prompt through the "
+                             f"model with this cache first")
+        plan = attention_context(module).plan.at(module.layer_idx)
+        sparse = cached_kind(plan) == "moba"
+        if sparse and decode_backend(plan, prefilled.device) != "triton":
+            raise ValueError(f"layer {module.layer_idx} decodes sparsely with decode_backend={plan.decode_backend}, "
+                             f"which resolves to the PyTorch ops here: device decoding runs the fused kernel (a "
+                             f"CUDA GPU with triton, decode_backend auto or triton); use generate() otherwise")
+        decoding = DeviceDecodeLayer(prefilled._keys, prefilled._values, prefilled.length,
+                                     plan.block_size if sparse else None, plan.topk, plan.centroids, key_valid)
+        layers.append(DeviceKVLayer(prefilled, decoding, plan))
+    return Cache(layers=layers)
+
+
+class GreedySteps:
+    """Greedy decoding steps after a prefill into a `MobaKVCache`, every changing quantity on the device: the
+    token just chosen, its position, the tokens so far and the cache (`device_kv_cache`). `step` runs one;
+    `capture` records one as a CUDA graph, which `replay` runs as often as the cache has room."""
+
+    def __init__(self, model: torch.nn.Module, cache: MobaKVCache, last_logits: torch.Tensor,
+                 last_positions: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None):
+        """last_logits [B, V] and last_positions [B, 1] of the prompt's last token; the first new token is chosen
+        from them. The cache needs room for max_new_tokens - 1 more tokens."""
+        self.model, self.keyword = model, model_cache_keyword(model)
+        self.cache = device_kv_cache(model, cache, attention_mask)
+        B = last_logits.shape[0]
+        self.token = last_logits.argmax(-1, keepdim=True)                              # [B, 1]
+        self.position = last_positions + 1
+        self.tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=last_logits.device)
+        self.tokens[:, :1] = self.token
+        self.written = torch.ones(1, dtype=torch.long, device=last_logits.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> None:
+        logits = self.model(input_ids=self.token, position_ids=self.position, use_cache=True,
+                            **{self.keyword: self.cache}).logits
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.tokens.index_copy_(1, self.written, self.token)
+        self.written.add_(1)
+        self.position.add_(1)
+
+    def capture(self) -> None:
+        """Run one step eagerly on a side stream (it compiles the kernels: torch.cuda.graphs' warm-up), then
+        record the next one, which `replay` runs."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()                                   # recorded, not run
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """input_ids [B, P] (left-padded where attention_mask [B, P] says so) -> [B, P + max_new_tokens], greedy.
+
+    `cuda_graph` (default: on a CUDA device): the second step is captured and replayed for the rest."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = input_ids.device
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, the inputs are on {device}")
+    B, P = input_ids.shape
+    if attention_mask is not None:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)      # each row's positions from its first token
+    else:
+        positions = torch.arange(P, device=device).expand(B, P)
+    prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{model_cache_keyword(model): MobaKVCache.for_model(model, P + max_new_tokens)})
+    decoding = GreedySteps(model, output_cache(prefill), prefill.logits[:, -1], positions[:, -1:], max_new_tokens,
+                           attention_mask)
+    steps = max_new_tokens - 1
+    if cuda_graph and steps >= 2:
+        decoding.capture()                                # runs the first step, records the second
+        for _ in range(steps - 1):
+            decoding.replay()
+    else:
+        for _ in range(steps):
+            decoding.step()
+    return torch.cat([input_ids, decoding.tokens], dim=1)
+
+
+__all__ = ["GreedySteps", "device_kv_cache", "greedy_decode"]

@@ -8,10 +8,11 @@ quantity that changes from step to step lives on the device:
 
 - the keys and values sit in buffers of a fixed capacity; the new token is written at the slot `length`
   holds (`index_copy_`), then `length` grows by one, both on the device;
-- the block means (MoBA layers) sit in a buffer of capacity // block_size blocks; each step computes the mean
-  of the block that ends at the new token and writes it where a row completes a block, leaving the others as
-  they were (a masked write, no host branch), with the operator's own `block_means`, so the gate sees what
-  the operator's sees for the same sequence;
+- the block means (MoBA layers) sit in a buffer of capacity // block_size blocks, beside a running fp32 sum of
+  each row's open block; each step adds the new key to the sum and, in the rows where it completes a block,
+  writes the block's mean (`decode_triton.moba_decode_means_step`: one launch, a masked store, no host
+  branch). Keys are added one after another in fp32 as the operator's `block_means` adds them, so the gate
+  sees the means the operator's sees for the same sequence;
 - the fused kernel (`ops.moba.decode_triton.moba_decode_step` with `length`) reads the length from the
   device and sizes its launches by the capacity; a layer that decodes densely masks the slots past the length.
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.moba import block_means, build_layout
+from ..ops.moba.routing import rounds_centroids
 from .block_means import BlockMeans, left_padding
 from .kv_cache import MobaKVLayer
 from .plan import LayerAttention
@@ -62,10 +63,8 @@ class DeviceDecodeLayer:
             self.means = torch.zeros(B, Hkv, capacity // block_size, D, dtype=torch.float32, device=keys.device)
             done = prefill.max_complete
             self.means[:, :, :done] = prefill.means[:, :, :done]
-            # Fixed index tensors of the per-step block mean, built here: a captured step cannot copy from the host.
-            self._rows = torch.arange(B, device=keys.device)
-            self._block_offsets = torch.arange(-block_size, 0, device=keys.device)
-            self._row_blocks = build_layout([row * block_size for row in range(B + 1)], block_size, keys.device)
+            self.running_sum = self._open_block_sums(keys, prefill.pad, filled, block_size)
+            self.rounded = rounds_centroids(keys.dtype, centroids)
         self.length = torch.tensor([filled], dtype=torch.int64, device=keys.device)
         self._slots = torch.arange(capacity, device=keys.device)
 
@@ -96,9 +95,10 @@ class DeviceDecodeLayer:
         scale = softmax_scale if softmax_scale is not None else query.shape[-1] ** -0.5
         if self.block_size is None:
             return self._attend_dense(query, scale)
-        from ..ops.moba.decode_triton import moba_decode_step
+        from ..ops.moba.decode_triton import moba_decode_means_step, moba_decode_step
 
-        self._add_completed_block()
+        moba_decode_means_step(self.keys, self.pad_slots, self.length, self.running_sum, self.means,
+                               self.block_size, self.rounded)
         return moba_decode_step(query, self.keys, self.values, self.means, self.pad_slots, self.block_size,
                                 self.topk, scale, self.length)
 
@@ -115,20 +115,17 @@ class DeviceDecodeLayer:
                                              enable_gqa=True)
         return out.transpose(1, 2)
 
-    def _add_completed_block(self) -> None:
-        """Where the new token completes a row's block, write that block's mean (rows are left-padded by
-        different amounts, so at most some rows complete one); elsewhere write back what was there."""
-        B, Hkv, _, D = self.keys.shape
-        bs = self.block_size
-        # The last bs slots, read for every row (clamped before the first block completes: then unused).
-        slots = (self.length + self._block_offsets).clamp_min(0)
-        tokens = self.keys.index_select(2, slots).transpose(1, 2).reshape(B * bs, Hkv, D)
-        fresh = block_means(tokens, self._row_blocks, self.centroids)                        # [B, Hkv, D]
-        filled = self.length - self.pad_slots                                               # [B] real tokens
-        completes = (filled >= bs) & (filled % bs == 0)
-        block = (filled // bs - 1).clamp(0, self.means.shape[2] - 1)
-        kept = self.means[self._rows, :, block]                                             # [B, Hkv, D]
-        self.means[self._rows, :, block] = torch.where(completes[:, None, None], fresh, kept)
+    @staticmethod
+    def _open_block_sums(keys: torch.Tensor, pad: list[int], filled: int, block_size: int) -> torch.Tensor:
+        """[B, Hkv, D] fp32 sum of each row's keys in its open (incomplete) block, added token after token as
+        the operator's `block_means` adds them (`index_add_`), so that the block's mean comes out the same."""
+        B, Hkv, _, D = keys.shape
+        sums = torch.zeros(B, Hkv, D, dtype=torch.float32, device=keys.device)
+        for b in range(B):
+            first = pad[b] + max(filled - pad[b], 0) // block_size * block_size
+            tokens = keys[b, :, first:filled].transpose(0, 1).float()                      # [n, Hkv, D]
+            sums[b:b + 1].index_add_(0, tokens.new_zeros(tokens.shape[0], dtype=torch.long), tokens)
+        return sums
 
 
 class DeviceKVLayer(MobaKVLayer):

@@ -58,7 +58,7 @@ def test_interpreted_decode_kernel_passes_in_a_fresh_process():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES) + len(GREEDY_CASES)
+    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES) + 1 + len(GREEDY_CASES)
     assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
@@ -181,6 +181,13 @@ DEVICE_CASES = {
 def test_decoding_with_the_length_on_the_device_equals_the_pytorch_decode_path(case):
     *shape, steps = case
     _decode_on_the_device(*shape, torch.float32, steps=steps)
+
+
+@in_interpreter
+def test_decoding_with_the_length_on_the_device_rounds_fp16_block_means_as_the_operator():
+    """fp16 keys: the reference convention rounds each block mean to fp16 (the fp32 cases cannot tell)."""
+    *shape, steps = DEVICE_CASES["gqa3-d64-bs16-top3-padded"]
+    _decode_on_the_device(*shape, torch.float16, steps=steps)
 
 
 # (plan, prompt lengths of the rows, left-padded to the longest): MoBA everywhere, and the last layer dense

@@ -201,6 +201,52 @@ def _moba_decode_merge_kernel(work_ptr, N_PART, out_ptr, D, G, N_SPLITS, s_ob, s
     tl.store(out_ptr + b.to(tl.int64) * s_ob + hq * s_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+@triton.jit
+def _moba_decode_means_kernel(k_ptr, pad_ptr, len_ptr, sum_ptr, means_ptr, D,
+                              s_kb, s_kh, s_kk, s_sb, s_sh, s_mb, s_mh, s_mn,
+                              BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HKV: tl.constexpr,
+                              ROUND: tl.constexpr):
+    """One program per (row, KV head): add the new token's key (slot length - 1) to the running fp32 sum of the
+    row's open block; if it completes the block, store the block's mean (rounded to the keys' dtype when ROUND,
+    the `reference` convention) and start the next sum at 0."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    hkv = bh % HKV
+    K = tl.load(len_ptr).to(tl.int32)
+    filled = K - tl.load(pad_ptr + b).to(tl.int32)           # the row's real tokens, the new one included
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    key = tl.load(k_ptr + b.to(tl.int64) * s_kb + hkv.to(tl.int64) * s_kh + (K - 1).to(tl.int64) * s_kk + offs_d,
+                  mask=d_ok, other=0.0)
+    sums = sum_ptr + b.to(tl.int64) * s_sb + hkv * s_sh + offs_d
+    total = tl.load(sums, mask=d_ok, other=0.0) + key.to(tl.float32)
+    complete = (tl.zeros([BLOCK_D], tl.int32) + filled % BLOCK_SIZE) == 0          # as a vector: a store mask
+    mean = tl.math.div_rn(total, tl.full([BLOCK_D], BLOCK_SIZE, tl.float32))    # IEEE, as torch divides
+    if ROUND:
+        mean = mean.to(k_ptr.dtype.element_ty).to(tl.float32)
+    block = filled // BLOCK_SIZE - 1
+    tl.store(means_ptr + b.to(tl.int64) * s_mb + hkv.to(tl.int64) * s_mh + block.to(tl.int64) * s_mn + offs_d, mean,
+             mask=d_ok & complete)
+    tl.store(sums, tl.where(complete, 0.0, total), mask=d_ok)
+
+
+def moba_decode_means_step(key: torch.Tensor, pad_slots: torch.Tensor, length: torch.Tensor,
+                           running_sum: torch.Tensor, means: torch.Tensor, block_size: int, rounded: bool) -> None:
+    """After the token at slot length - 1 was appended to the cache buffers key [B, Hkv, capacity, D]: add it to
+    each row's running fp32 key sum of its open block (`running_sum` [B, Hkv, D]) and, in the rows where it
+    completes a block, write that block's mean into `means` [B, Hkv, blocks, D] (rounded to the keys' dtype
+    when `rounded`). One launch, no host value: a CUDA graph can capture it. The sum is the operator's
+    `block_means` (fp32, token after token), so the means are the ones it computes for the same sequence."""
+    B, Hkv, _, D = key.shape
+    if key.stride(-1) != 1 or running_sum.stride(-1) != 1 or means.stride(-1) != 1:
+        raise ValueError("the block-mean update needs unit stride along head_dim")
+    _moba_decode_means_kernel[(B * Hkv,)](
+        key, pad_slots, length, running_sum, means, D,
+        key.stride(0), key.stride(1), key.stride(2), running_sum.stride(0), running_sum.stride(1),
+        means.stride(0), means.stride(1), means.stride(2),
+        BLOCK_SIZE=block_size, BLOCK_D=max(16, triton.next_power_of_2(D)), HKV=Hkv, ROUND=rounded, num_warps=1)
+
+
 def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, means: torch.Tensor,
                      pad_slots: torch.Tensor, block_size: int, topk: int, softmax_scale: float,
                      length: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,4 +308,4 @@ def moba_decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out[:, None]
 
 
-__all__ = ["moba_decode_step"]
+__all__ = ["moba_decode_means_step", "moba_decode_step"]

@@ -32,11 +32,14 @@ def check_centroids(centroids: str) -> None:
                          f"scores them), got {centroids!r}")
 
 
+def rounds_centroids(dtype: torch.dtype, centroids: str) -> bool:
+    """Whether the convention rounds fp32 block means of keys in `dtype` to that dtype ("reference", 16-bit)."""
+    return centroids == "reference" and dtype in (torch.float16, torch.bfloat16)
+
+
 def round_centroids(means: torch.Tensor, dtype: torch.dtype, centroids: str) -> torch.Tensor:
     """fp32 block means as the convention scores them: rounded to the keys' dtype ("reference") or not."""
-    if centroids == "reference" and dtype in (torch.float16, torch.bfloat16):
-        return means.to(dtype).float()
-    return means
+    return means.to(dtype).float() if rounds_centroids(dtype, centroids) else means
 
 
 def block_means(k: torch.Tensor, layout: BlockLayout, centroids: str = "reference") -> torch.Tensor:

@@ -6,6 +6,7 @@ ATTN_IMPLEMENTATION ("moba_train"); `attach_plan` selects it for a model.
 
 from .attention import ATTN_IMPLEMENTATION, attach_plan, attend_varlen, attention_modules
 from .export import EXPORT_KEY, export_model
+from .graph_decode import greedy_decode
 from .loading import (DEFAULT_MODEL, LoadedModel, build_from_config, cache_root, load, load_embedded, load_gguf,
                       load_hf_dir, load_model)
 from .plan import AttentionPlan, AttentionPlanConfig, LayerAttention, PhaseConfig
@@ -14,5 +15,5 @@ from .rope import set_rope
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionPlan", "AttentionPlanConfig", "DEFAULT_MODEL", "EXPORT_KEY",
            "LayerAttention", "LoadedModel", "MobaKVCache", "PhaseConfig", "attach_plan", "attend_varlen", "attention_modules",
-           "build_from_config", "cache_root", "export_model", "load", "load_embedded", "load_gguf", "load_hf_dir",
+           "build_from_config", "cache_root", "export_model", "greedy_decode", "load", "load_embedded", "load_gguf", "load_hf_dir",
            "load_model", "set_rope"]

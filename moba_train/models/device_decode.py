@@ -55,6 +55,10 @@ class DeviceDecodeLayer:
             raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's "
                              f"{filled} slots; allocate capacity >= prompt length + new tokens")
         self.keys, self.values = keys, values
+        # Slots past the length: zeros, not whatever the allocation held. Dense attention reads them under a
+        # mask, and masked probabilities of 0 times a NaN there would still give NaN.
+        keys[:, :, filled:].zero_()
+        values[:, :, filled:].zero_()
         self.block_size, self.topk, self.centroids = block_size, topk, centroids
         self.pad_slots = torch.tensor(left_padding(key_valid, B, filled), dtype=torch.int64, device=keys.device)
         if block_size is not None:     # the prefill's complete blocks, as eager decoding has them

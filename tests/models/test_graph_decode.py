@@ -1,0 +1,105 @@
+"""greedy_decode (models/graph_decode.py): the device-length decoding loop that a CUDA graph replays. Here, on
+the CPU, its dense layers (no kernel needed) against generate(), and its refusals; the sparse layers' fused
+kernel under Triton's interpreter (tests/ops/test_moba_decode_triton_interpreter.py) and on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moba_train.models import AttentionPlan, MobaKVCache, attach_plan, greedy_decode
+from moba_train.models.graph_decode import GreedySteps
+from moba_train.models.hf_compat import model_cache_keyword, output_cache
+from tests.models.test_decode import MOBA
+from tests.models.tiny import FAMILIES, stock_model, with_plan
+
+DENSE_DECODING = {"moba-decode-full": {**MOBA, "decode": "full"}, "full": {**MOBA, "moba_layers": "none"}}
+
+
+def _prompt(rows: tuple[int, ...], seed: int = 3):
+    """Random prompts of these lengths, left-padded with token 0, and their attention mask (None for one row)."""
+    P = max(rows)
+    ids = torch.randint(1, 256, (len(rows), P), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for b, n in enumerate(rows):
+        mask[b, P - n:] = 1
+    return ids * mask, (mask if len(rows) > 1 else None)
+
+
+@pytest.mark.parametrize("plan", DENSE_DECODING.values(), ids=DENSE_DECODING.keys())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dense_decoding_on_the_device_equals_generate(family, plan):
+    model = with_plan(stock_model(family), plan)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, mask = _prompt((9, 5, 7))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              **{model_cache_keyword(model): MobaKVCache.for_model(model, 21)})
+    assert torch.equal(greedy_decode(model, ids, 12, attention_mask=mask), want)
+
+
+def test_one_new_token_is_the_prefills_choice():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    ids, _ = _prompt((6,))
+    out = greedy_decode(model, ids, 1)
+    with torch.no_grad():
+        assert out[0, -1] == model(input_ids=ids).logits[0, -1].argmax()
+
+
+def test_sparse_layers_without_the_kernel_are_refused_naming_the_fix():
+    model = with_plan(stock_model("llama"), {**MOBA, "decode_backend": "torch"})
+    with pytest.raises(ValueError, match="decode_backend=torch.*fused kernel.*generate"):
+        greedy_decode(model, _prompt((6,))[0], 4)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+                                        (dict(max_new_tokens=3, cuda_graph=True), "cuda_graph=True needs")],
+                         ids=["no-new-tokens", "graph-on-cpu"])
+def test_bad_arguments_are_refused(bad, match):
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    with pytest.raises(ValueError, match=match):
+        greedy_decode(model, _prompt((6,))[0], **bad)
+
+
+def test_a_plan_changed_after_the_cache_was_built_is_refused():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["moba-decode-full"])
+    ids, _ = _prompt((6,))
+    kw = model_cache_keyword(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, **{kw: MobaKVCache.for_model(model, 10)})
+        steps = GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 4)
+        steps.step()
+        attach_plan(model, AttentionPlan.from_config({**MOBA, "decode": "full", "topk": 3},
+                                                     model.config.num_hidden_layers))
+        with pytest.raises(ValueError, match="build the cache again"):
+            steps.step()
+
+
+def test_the_cache_holds_no_more_than_its_capacity():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    ids, _ = _prompt((6,))
+    kw = model_cache_keyword(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, **{kw: MobaKVCache.for_model(model, 6)})
+        with pytest.raises(ValueError, match="capacity 6 <= the prefill's 6 slots"):
+            GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 2)
+
+
+def test_uninitialised_slots_past_the_length_do_not_reach_dense_attention():
+    """The buffers come from torch.empty: NaN there (0 x NaN under a mask is NaN) must not reach any token."""
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    model.generation_config.eos_token_id = None
+    ids, _ = _prompt((6,))
+    kw = model_cache_keyword(model)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, **{kw: MobaKVCache.for_model(model, 14)})
+        cache = MobaKVCache.for_model(model, 14)
+        out = model(input_ids=ids, use_cache=True, position_ids=torch.arange(6)[None], **{kw: cache})
+        for layer in cache.layers:
+            layer._keys[:, :, 6:] = float("nan")
+            layer._values[:, :, 6:] = float("nan")
+        steps = GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 8)
+        for _ in range(7):
+            steps.step()
+    assert torch.equal(torch.cat([ids, steps.tokens], 1), want)

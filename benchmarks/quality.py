@@ -6,6 +6,7 @@ Each arm is one ordinary training run of a study's recipe, differing only in its
       full         attention=full              full causal attention: the control
       moba         attention=moba              MoBA in every layer, block 512, top-3
       last3_full   attention=moba_last3_full   MoBA but the last 3 layers full (the paper's layer-wise hybrid)
+      fine_gate    attention=moba_fine_gate    MoBA in every layer, block 128, top-12 (the same 1,536 keys, finer)
   --recipe quality_code   a ~78M Llama from scratch on Python code, 8K then 32K (recipes/quality_code.yaml)
       full, moba, hybrid (attention=moba_then_full: MoBA for 90% of each stage's tokens, then full)
 
@@ -40,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moba_train.eval.plots import pyplot, save_figure  # noqa: E402
 
 STUDIES = {   # recipe -> arm -> attention config group
-    "smollm2_moba": {"full": "full", "moba": "moba", "last3_full": "moba_last3_full"},
+    "smollm2_moba": {"full": "full", "moba": "moba", "last3_full": "moba_last3_full", "fine_gate": "moba_fine_gate"},
     "quality_code": {"full": "full", "moba": "moba", "hybrid": "moba_then_full"},
 }
-COLOURS = {"full": "black", "moba": "tab:orange", "hybrid": "tab:blue", "last3_full": "tab:blue"}
+COLOURS = {"full": "black", "moba": "tab:orange", "hybrid": "tab:blue", "last3_full": "tab:blue",
+           "fine_gate": "tab:green"}
 # The targets of a study (issue 19): at every stage end each MoBA arm's passkey accuracy is at least the full
 # arm's at every length, its validation loss within 1%, and at the last stage's end its loss in the last
 # position bucket within 1%.

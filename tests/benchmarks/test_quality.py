@@ -123,4 +123,4 @@ def test_an_arm_stopped_in_its_stage_end_evaluations_is_neither_met_nor_missed_o
 def test_an_arm_the_study_does_not_have_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--recipe", "smollm2_moba", "--report", "/nonexistent", "--arms", "hybrid"])
-    assert "has the arms ['full', 'moba', 'last3_full'], not ['hybrid']" in capsys.readouterr().err
+    assert "has the arms ['full', 'moba', 'last3_full', 'fine_gate'], not ['hybrid']" in capsys.readouterr().err

@@ -131,3 +131,14 @@ def test_passkey_haystack_is_a_style_or_a_list_of_styles(value, ok):
         return
     with pytest.raises(ConfigError, match=r"eval.passkey.haystack must be one of \['lee', 'python'\] or a list"):
         load_run_config(compose_config(overrides))
+
+
+ATTENTION_GROUPS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "attention").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ATTENTION_GROUPS)
+def test_every_attention_group_composes_with_the_quality_recipe_and_keeps_its_settings(group):
+    """Each group states the block size and top-k it means (moba_fine_gate: 128 / 12), or inherits the defaults."""
+    stages = resolve(["recipe=smollm2_moba", f"attention={group}"])
+    meant = {"moba_fine_gate": (128, 12)}.get(group, (512, 3))
+    assert all((s.attention.block_size, s.attention.topk) == meant for s in stages)

@@ -8,6 +8,9 @@ transformers' caches, `kv_cache.MobaKVLayer` for moba-train's own) keeps one per
 
 from __future__ import annotations
 
+import weakref
+from typing import Callable, Hashable, TypeVar
+
 import torch
 
 from ..ops.moba import block_means, build_layout
@@ -16,18 +19,44 @@ from ..ops.moba import block_means, build_layout
 # would need an fp32 copy of it).
 MEANS_CHUNK_ELEMENTS = 1 << 24
 
+T = TypeVar("T")
+# Facts read back from a padding mask, per live mask: transformers builds a forward's mask once and hands the
+# same tensor to every layer, and each read waits for the GPU (once per layer and decoding step, it was 30
+# waits a token for SmolLM2, and slower still on a shared GPU). id(mask) -> (weakref to it, its version, facts)
+_mask_facts: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def once_per_mask(mask: torch.Tensor, fact: Hashable, compute: Callable[[], T]) -> T:
+    """compute() the first time `fact` is asked of this mask (and again if the mask was written in place)."""
+    key = id(mask)
+    entry = _mask_facts.get(key)
+    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+        def forget(ref, key=key):
+            if key in _mask_facts and _mask_facts[key][0] is ref:
+                del _mask_facts[key]
+        entry = (weakref.ref(mask, forget), mask._version, {})
+        _mask_facts[key] = entry
+    facts = entry[2]
+    if fact not in facts:
+        facts[fact] = compute()
+    return facts[fact]
+
 
 def left_padding(key_valid: torch.Tensor | None, batch: int, slots: int) -> list[int]:
     """Leading padding slots of each row; refuses padding anywhere but on the left."""
     if key_valid is None:
         return [0] * batch
+    return list(once_per_mask(key_valid, ("left padding", slots), lambda: _left_padding(key_valid, slots)))
+
+
+def _left_padding(key_valid: torch.Tensor, slots: int) -> tuple[int, ...]:
     real = key_valid.sum(-1)
     pad = slots - real
     expected = torch.arange(slots, device=key_valid.device)[None, :] >= pad[:, None]
     if not torch.equal(key_valid, expected):
         raise ValueError("sparse MoBA decoding (attention plan decode: moba) needs padding on the left of each row "
                          "only (tokenizer padding_side='left'); pad on the left, or set decode: full")
-    return pad.tolist()
+    return tuple(pad.tolist())
 
 
 class BlockMeans:
@@ -67,7 +96,8 @@ class BlockMeans:
         elif B != len(self.pad) or K < self.slots:
             raise RuntimeError(f"block means cover {self.slots} slots of {len(self.pad)} rows, but the cache has "
                                f"{K} slots of {B} rows: it was changed other than by appending")
-        elif key_valid is not None and K > self.slots and not bool(key_valid[:, self.slots:].all()):
+        elif key_valid is not None and K > self.slots and not once_per_mask(
+                key_valid, ("real from", self.slots), lambda: bool(key_valid[:, self.slots:].all())):
             raise ValueError("sparse MoBA decoding (attention plan decode: moba) needs every appended token to be "
                              "real (padding on the left of the prompt only); set decode: full otherwise")
         bs = self.block_size
@@ -116,4 +146,4 @@ class BlockMeans:
             self.means[row, :, lo:hi] = block_means(tokens, layout, self.centroids).transpose(0, 1)
 
 
-__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS", "left_padding"]
+__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS", "left_padding", "once_per_mask"]

@@ -173,6 +173,40 @@ def test_block_means_are_computed_once_per_block_not_per_step(monkeypatch):
     assert len(reduced) == layers * (1 + (39 // 4 - 10 // 4))   # the prompt's blocks, then one call per new block
 
 
+def test_a_padded_batch_reads_its_mask_back_once_per_step_not_once_per_layer(monkeypatch):
+    """Each read of the mask waits for the GPU; every layer of a forward gets the same mask tensor, so the left
+    padding is read once per generate and the 'appended tokens are real' check once per decoding step."""
+    computed = []
+    real_once = block_means_module.once_per_mask
+
+    def counting(mask, fact, compute):
+        return real_once(mask, fact, lambda: (computed.append(fact[0]), compute())[1])
+
+    monkeypatch.setattr(block_means_module, "once_per_mask", counting)
+    model = with_plan(stock_model("llama"), MOBA)
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(ids * mask, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert model.config.num_hidden_layers > 1
+    # 5 decoding steps after the prefill: the first builds the block means (the left padding, read once for every
+    # layer), each of the other 4 checks its appended token once for every layer
+    assert computed.count("left padding") == 1
+    assert computed.count("real from") == 4
+    for row in range(2):                               # and the batch still decodes each row as alone
+        alone = model.generate(ids[row:row + 1, 3 * row:], max_new_tokens=6, do_sample=False)
+        assert torch.equal(out[row, 3 * row:], alone[0])
+
+
+def test_a_mask_written_in_place_is_read_again():
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    assert block_means_module.once_per_mask(mask, "all", lambda: bool(mask.all())) is True
+    mask[0, 2] = False
+    assert block_means_module.once_per_mask(mask, "all", lambda: bool(mask.all())) is False
+
+
 def test_cache_changed_outside_decoding_rebuilds_the_means(caplog):
     """crop (assisted decoding's rollback) replaces the cache's keys: the means start over, results stay exact."""
     model = with_plan(stock_model("llama"), MOBA)

@@ -78,8 +78,11 @@ class DeviceDecodeLayer:
                      key_valid: torch.Tensor | None = None) -> "DeviceDecodeLayer":
         """Buffers of `capacity` slots holding a copy of keys/values [B, Hkv, L, D]."""
         B, Hkv, L, D = keys.shape
-        key_buf = keys.new_empty(B, Hkv, max(capacity, L), D)
-        value_buf = values.new_empty(B, Hkv, max(capacity, L), values.shape[-1])
+        if capacity <= L:
+            raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's {L} "
+                             f"slots; allocate capacity >= prompt length + new tokens")
+        key_buf = keys.new_empty(B, Hkv, capacity, D)
+        value_buf = values.new_empty(B, Hkv, capacity, values.shape[-1])
         key_buf[:, :, :L] = keys
         value_buf[:, :, :L] = values
         return cls(key_buf, value_buf, L, block_size, topk, centroids, key_valid)

@@ -103,3 +103,10 @@ def test_uninitialised_slots_past_the_length_do_not_reach_dense_attention():
         for _ in range(7):
             steps.step()
     assert torch.equal(torch.cat([ids, steps.tokens], 1), want)
+
+
+def test_a_prefill_longer_than_the_capacity_is_refused_naming_the_capacity_asked_for():
+    from moba_train.models.device_decode import DeviceDecodeLayer
+    keys = torch.zeros(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="capacity 4 <= the prefill's 9 slots; allocate capacity >= prompt length"):
+        DeviceDecodeLayer.from_prefill(keys, keys, 4, block_size=4, topk=2)

@@ -154,15 +154,18 @@ def evaluate_stage_end(ev: StageEvaluation, tracker, step: int) -> StageEvalOutc
 
     KeyboardInterrupt and SystemExit pass through: the checkpoint written before keeps the stage."""
     outcome = StageEvalOutcome()
+    seconds: dict[str, float] = {}        # wall time of each evaluation, into its records
 
     def attempt(name: str, fn, collective: bool = True):
         error = None
+        started = time.perf_counter()
         try:
             _inject_fault(name, ev.cfg.debug.fail_evaluations)
             result = fn()
         except Exception as e:            # noqa: BLE001 - every failure is recorded with its fix
             result, error = None, e
             log.debug("stage-end %s failed:\n%s", name, traceback.format_exc())
+        seconds[name] = round(time.perf_counter() - started, 3)
         if collective and _failed_on_any_rank(error is not None, ev.world) and error is None:
             error = RuntimeError("failed on another rank")
         if error is None:
@@ -174,10 +177,10 @@ def evaluate_stage_end(ev: StageEvaluation, tracker, step: int) -> StageEvalOutc
 
     outcome.position_loss = attempt("position_loss", lambda: _position_loss(ev))
     if outcome.position_loss is not None:
-        tracker.log_eval(step, ev.stage, outcome.position_loss, tags=ev.tags)
+        tracker.log_eval(step, ev.stage, outcome.position_loss, tags={**ev.tags, "seconds": seconds["position_loss"]})
     outcome.passkey = attempt("passkey", lambda: stage_passkey(ev)) or []
-    for result in outcome.passkey:
-        tracker.log_passkey(step, ev.stage, result, tags=ev.tags)
+    for result in outcome.passkey:        # seconds: the whole passkey evaluation, every haystack
+        tracker.log_passkey(step, ev.stage, result, tags={**ev.tags, "seconds": seconds["passkey"]})
         if ev.is_main:
             print(describe(result), flush=True)
     if ev.cfg.eval.plots and ev.is_main:

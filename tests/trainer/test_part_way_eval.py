@@ -34,6 +34,9 @@ def test_a_stage_is_evaluated_before_its_first_step_and_part_way_on_each_haystac
     assert [(r["stage_index"], r.get("part_way"), r["haystack"]) for r in passkey] == [
         (0, 0, "lee"), (0, 0, "python"), (0, 1, "lee"), (0, 1, "python"), (0, None, "lee"), (0, None, "python"),
         (1, None, "lee"), (1, None, "python"), (2, None, "lee"), (2, None, "python")]
+    # each record says what its evaluation cost; a passkey evaluation's haystacks share one time
+    assert all(isinstance(r["seconds"], float) and r["seconds"] > 0 for r in evals + passkey)
+    assert all(a["seconds"] == b["seconds"] for a, b in zip(passkey[::2], passkey[1::2]))
     # the steps before the part-way evaluation were checkpointed first (checkpoint_every is 0), and that
     # checkpoint records the evaluation as done once it completed
     assert checkpoint_steps(out) == [2, 4, 6, 7]

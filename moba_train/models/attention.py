@@ -31,6 +31,7 @@ from ..ops.full_attn import full_attn_varlen
 from .cached_attention import attend_cached, cached_kind
 from .context import AttentionContext, attention_context, has_context
 from .decode_cache import cache_block_means, device_decoding, track_kv_caches
+from .mask_facts import once_per_mask
 from .hf_compat import cache_argument
 from .plan import AttentionPlan, LayerAttention
 
@@ -108,6 +109,21 @@ def _boundaries(batch: int, seq: int, keep: torch.Tensor | None, kwargs: dict,
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def _unpadded_documents(padding: torch.Tensor | None, batch: int, seq: int, kwargs: dict,
+                        device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """The flat indices of the real tokens (None: all are), cu_seqlens and max_seqlen over them. They are read
+    back from the device; every layer of a forward gets the same mask and position ids, so once per forward."""
+    def compute():
+        keep = padding.reshape(-1).nonzero().squeeze(1) if padding is not None and not bool(padding.all()) else None
+        return (keep, *_boundaries(batch, seq, keep, kwargs, device))
+
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("cu_seq_lens_q") is not None or (padding is None and position_ids is None):
+        return compute()                  # the trainer's packs (boundaries given), or nothing to key on
+    owner, also = (padding, position_ids) if padding is not None else (position_ids, None)
+    return once_per_mask(owner, ("unpadded documents", batch, seq, str(device)), compute, also)
+
+
 def moba_train_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, K, D] -> ([B, S, Hq, D], None)."""
     layer = _layer_attention(module)
@@ -151,8 +167,7 @@ def moba_train_attention(module, query, key, value, attention_mask, scaling=None
                                 layer, scaling)
         return out, None
 
-    keep = padding.reshape(-1).nonzero().squeeze(1) if padding is not None and not bool(padding.all()) else None
-    cu, max_len = _boundaries(B, S, keep, kwargs, query.device)
+    keep, cu, max_len = _unpadded_documents(padding, B, S, kwargs, query.device)
     if window is not None and max_len > window:
         raise ValueError(f"a document of {max_len} tokens exceeds sliding_window={window}, which moba-train does not "
                          f"implement; set config.sliding_window = None")

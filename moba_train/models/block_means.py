@@ -8,39 +8,14 @@ transformers' caches, `kv_cache.MobaKVLayer` for moba-train's own) keeps one per
 
 from __future__ import annotations
 
-import weakref
-from typing import Callable, Hashable, TypeVar
-
 import torch
 
 from ..ops.moba import block_means, build_layout
+from .mask_facts import once_per_mask
 
 # Block means are computed this many fp32 key elements at a time (a whole prefilled cache at once
 # would need an fp32 copy of it).
 MEANS_CHUNK_ELEMENTS = 1 << 24
-
-T = TypeVar("T")
-# Facts read back from a padding mask, per live mask: transformers builds a forward's mask once and hands the
-# same tensor to every layer, and each read waits for the GPU (once per layer and decoding step, it was 30
-# waits a token for SmolLM2, and slower still on a shared GPU). id(mask) -> (weakref to it, its version, facts)
-_mask_facts: dict[int, tuple[weakref.ref, int, dict]] = {}
-
-
-def once_per_mask(mask: torch.Tensor, fact: Hashable, compute: Callable[[], T]) -> T:
-    """compute() the first time `fact` is asked of this mask (and again if the mask was written in place)."""
-    key = id(mask)
-    entry = _mask_facts.get(key)
-    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
-        def forget(ref, key=key):
-            if key in _mask_facts and _mask_facts[key][0] is ref:
-                del _mask_facts[key]
-        entry = (weakref.ref(mask, forget), mask._version, {})
-        _mask_facts[key] = entry
-    facts = entry[2]
-    if fact not in facts:
-        facts[fact] = compute()
-    return facts[fact]
-
 
 def left_padding(key_valid: torch.Tensor | None, batch: int, slots: int) -> list[int]:
     """Leading padding slots of each row; refuses padding anywhere but on the left."""
@@ -146,4 +121,4 @@ class BlockMeans:
             self.means[row, :, lo:hi] = block_means(tokens, layout, self.centroids).transpose(0, 1)
 
 
-__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS", "left_padding", "once_per_mask"]
+__all__ = ["BlockMeans", "MEANS_CHUNK_ELEMENTS", "left_padding"]

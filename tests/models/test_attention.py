@@ -261,3 +261,32 @@ def test_checkpointing_every_second_layer_recomputes_only_those():
     with pytest.raises(ValueError, match="checkpoint_every_n_layers must be >= 1"):
         apply_activation_checkpointing(model, types.SimpleNamespace(activation_checkpointing=True,
                                                                     offload_activations=False, checkpoint_every_n_layers=0))
+
+
+def test_a_padded_prefill_reads_its_documents_back_once_per_forward(monkeypatch):
+    """The unpadded documents' boundaries are read from the device; every layer gets the same mask and position
+    ids, so one forward reads them once whatever its number of layers, and a changed position_ids reads again."""
+    import moba_train.models.attention as attention
+
+    calls = []
+    real = attention._boundaries
+    monkeypatch.setattr(attention, "_boundaries", lambda *a: (calls.append(1), real(*a))[1])
+    model = with_plan(stock_model("llama"), {"block_size": 4, "topk": 2, "moba_layers": "all"})
+    assert model.config.num_hidden_layers > 1
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        assert len(calls) == 1
+        alone = model(input_ids=ids[:1, 5:]).logits
+    torch.testing.assert_close(padded[0, 5:], alone[0], atol=2e-5, rtol=1e-5)
+
+    padding = mask.bool()
+    first = attention._unpadded_documents(padding, 2, 12, {"position_ids": torch.arange(12)[None]}, torch.device("cpu"))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])   # a new document at 6 (row 0 keeps 5.. of it)
+    again = attention._unpadded_documents(padding, 2, 12, {"position_ids": packed}, torch.device("cpu"))
+    assert first[1].tolist() == [0, 7, 19] and again[1].tolist() == [0, 1, 7, 13, 19]
+    packed[0, 6:] += 6                                                # written in place: one document again
+    assert attention._unpadded_documents(padding, 2, 12, {"position_ids": packed},
+                                         torch.device("cpu"))[1].tolist() == [0, 7, 19]

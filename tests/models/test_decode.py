@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import moba_train.models.cached_attention as cached_attention
 import moba_train.models.block_means as block_means_module
+import moba_train.models.mask_facts as mask_facts
 from moba_train.models import AttentionPlan, LayerAttention
 from moba_train.models.plan import DECODE_BACKENDS, DECODE_MODES
 from moba_train.models.cached_attention import attend_cached
@@ -177,7 +178,7 @@ def test_a_padded_batch_reads_its_mask_back_once_per_step_not_once_per_layer(mon
     """Each read of the mask waits for the GPU; every layer of a forward gets the same mask tensor, so the left
     padding is read once per generate and the 'appended tokens are real' check once per decoding step."""
     computed = []
-    real_once = block_means_module.once_per_mask
+    real_once = mask_facts.once_per_mask
 
     def counting(mask, fact, compute):
         return real_once(mask, fact, lambda: (computed.append(fact[0]), compute())[1])
@@ -202,9 +203,9 @@ def test_a_padded_batch_reads_its_mask_back_once_per_step_not_once_per_layer(mon
 
 def test_a_mask_written_in_place_is_read_again():
     mask = torch.ones(1, 6, dtype=torch.bool)
-    assert block_means_module.once_per_mask(mask, "all", lambda: bool(mask.all())) is True
+    assert mask_facts.once_per_mask(mask, "all", lambda: bool(mask.all())) is True
     mask[0, 2] = False
-    assert block_means_module.once_per_mask(mask, "all", lambda: bool(mask.all())) is False
+    assert mask_facts.once_per_mask(mask, "all", lambda: bool(mask.all())) is False
 
 
 def test_cache_changed_outside_decoding_rebuilds_the_means(caplog):

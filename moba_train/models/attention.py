@@ -31,8 +31,8 @@ from ..ops.full_attn import full_attn_varlen
 from .cached_attention import attend_cached, cached_kind
 from .context import AttentionContext, attention_context, has_context
 from .decode_cache import cache_block_means, device_decoding, track_kv_caches
-from .mask_facts import once_per_mask
 from .hf_compat import cache_argument
+from .mask_facts import once_per_mask
 from .plan import AttentionPlan, LayerAttention
 
 log = logging.getLogger(__name__)

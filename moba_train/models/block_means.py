@@ -17,6 +17,7 @@ from .mask_facts import once_per_mask
 # would need an fp32 copy of it).
 MEANS_CHUNK_ELEMENTS = 1 << 24
 
+
 def left_padding(key_valid: torch.Tensor | None, batch: int, slots: int) -> list[int]:
     """Leading padding slots of each row; refuses padding anywhere but on the left."""
     if key_valid is None:

@@ -41,6 +41,12 @@ from .kv_cache import MobaKVLayer
 from .plan import LayerAttention
 
 
+def _check_room(capacity: int, filled: int) -> None:
+    if capacity <= filled:
+        raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's "
+                         f"{filled} slots; allocate capacity >= prompt length + new tokens")
+
+
 class DeviceDecodeLayer:
     """One layer's KV buffers [B, Hkv, capacity, D], filled length ([1] int64) and, for a MoBA layer that decodes
     sparsely (`block_size` given), its block means [B, Hkv, capacity // block_size, D] in fp32; all on the
@@ -51,9 +57,7 @@ class DeviceDecodeLayer:
         """keys/values [B, Hkv, capacity, D]: buffers whose first `filled` slots hold the prefill (key_valid
         [B, filled], False on left padding, or None); they are used in place. `block_size` None: dense."""
         B, Hkv, capacity, D = keys.shape
-        if capacity <= filled:
-            raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's "
-                             f"{filled} slots; allocate capacity >= prompt length + new tokens")
+        _check_room(capacity, filled)
         self.keys, self.values = keys, values
         # Slots past the length: zeros, not whatever the allocation held. Dense attention reads them under a
         # mask, and masked probabilities of 0 times a NaN there would still give NaN.
@@ -78,9 +82,7 @@ class DeviceDecodeLayer:
                      key_valid: torch.Tensor | None = None) -> "DeviceDecodeLayer":
         """Buffers of `capacity` slots holding a copy of keys/values [B, Hkv, L, D]."""
         B, Hkv, L, D = keys.shape
-        if capacity <= L:
-            raise ValueError(f"a device decoding cache needs room to append: capacity {capacity} <= the prefill's {L} "
-                             f"slots; allocate capacity >= prompt length + new tokens")
+        _check_room(capacity, L)
         key_buf = keys.new_empty(B, Hkv, capacity, D)
         value_buf = values.new_empty(B, Hkv, capacity, values.shape[-1])
         key_buf[:, :, :L] = keys

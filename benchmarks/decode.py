@@ -12,7 +12,9 @@ Two levels per context length L:
              replays one step captured in a CUDA graph: the device's time alone; "graph sync" the same replays
              timed on the host with a synchronisation after each (what a graph-replayed decoding loop pays per
              step). `full`, `moba` and `moba-triton` replay a step at one cache length; `moba-device` appends
-             a token at every step, replays included (its cache grows from L by a few dozen tokens).
+             a token at every step, replays included (its cache grows from L by a few dozen tokens). With
+             --growing, `full`, `moba` and `moba-triton` also see one more key per step (views of a
+             preallocated buffer, as MobaKVCache hands them to attention in generate); no graph columns then.
   model      a whole decoding step of a randomly initialised decoder (forward of one token, every layer
              MoBA) after a MoBA prefill of L tokens: what generate() pays per token, with each KV cache
              class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
@@ -120,9 +122,19 @@ def bench_attention(L: int, mode: str, args) -> dict:
     else:
         layer = LayerAttention("moba", args.block_size, args.topk, "auto", **layer_settings(mode))
         means = BlockMeans(args.block_size) if mode != "full" else None
+        if args.growing:
+            # Views of preallocated buffers that grow by one key per step, as MobaKVCache hands them to attention.
+            room = L + args.warmup + 2 * args.steps + 2
+            k_buf, v_buf = (torch.randn(args.batch, hkv, room, args.head_dim, generator=g, device=dev, dtype=dtype)
+                            for _ in range(2))
+            filled = [L - 1]
 
-        def step():
-            return attend_cached(q, k, v, None, layer, None, means)
+            def step():
+                filled[0] += 1
+                return attend_cached(q, k_buf[:, :, :filled[0]], v_buf[:, :, :filled[0]], None, layer, None, means)
+        else:
+            def step():
+                return attend_cached(q, k, v, None, layer, None, means)
 
     with torch.no_grad():
         build = timed(step, dev)
@@ -133,7 +145,8 @@ def bench_attention(L: int, mode: str, args) -> dict:
         # Steps issued back to back, one synchronisation at the end: what a decoding loop that does not wait on
         # each step pays (the larger of the host's launch time and the device's time).
         pipelined = timed(lambda: [step() for _ in range(args.steps)], dev) / args.steps
-        graph, graph_sync = graph_seconds(step, args) if dev == "cuda" else (None, None)
+        # A graph replays one length: not what --growing measures.
+        graph, graph_sync = graph_seconds(step, args) if dev == "cuda" and not args.growing else (None, None)
     ms = 1e3 * statistics.median(times)
     return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
             "pipelined_ms": 1e3 * pipelined, "graph_ms": None if graph is None else 1e3 * graph,
@@ -258,6 +271,9 @@ def main():
     p.add_argument("--batch", type=int, default=1, help="rows decoding together (both levels)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed decoding steps (the median is reported)")
+    p.add_argument("--growing", action="store_true",
+                   help="attention level: every step sees one more key (views of a preallocated cache, as in generate) "
+                        "instead of replaying one length; no graph columns")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -18,6 +18,7 @@ triton is installed (faster than the PyTorch ops wherever measured: docs/benchma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode_cache import BlockMeans
 from .plan import LayerAttention
@@ -37,12 +39,25 @@ GATHER_ELEMENTS = 1 << 24
 _told: set[str] = set()       # one-time notes already logged
 
 
+# SDPA's kernels for one decoding step on CUDA: not cuDNN's. cuDNN builds an execution plan per shape, and a decoding
+# step's key length is new at every step, so every step would pay a plan build on the host (tens of ms; the eager
+# dense step measured ~30 ms a token over the kernel time, docs/benchmarks.md). FlashAttention's kernel (GQA inside)
+# needs no plan.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_sdpa_backends(device: torch.device):
+    """The context a decoding step's SDPA call runs in: DECODE_SDPA_BACKENDS on CUDA, SDPA's own choice elsewhere."""
+    return sdpa_kernel(DECODE_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _attend_dense(query, key, value, key_valid, layer, softmax_scale, block_means=None) -> torch.Tensor:
     B, _, S, _ = query.shape
     K = key.shape[2]
     if key_valid is None and S == 1:
         # The one query is the last slot and sees every key: no mask, so SDPA may pick its fastest kernel.
-        out = F.scaled_dot_product_attention(query, key, value, scale=softmax_scale, enable_gqa=True)
+        with decode_sdpa_backends(key.device):
+            out = F.scaled_dot_product_attention(query, key, value, scale=softmax_scale, enable_gqa=True)
         return out.transpose(1, 2)
     if key_valid is None:
         key_valid = torch.ones(B, K, dtype=torch.bool, device=key.device)

@@ -131,6 +131,16 @@ def test_decode_full_is_dense_causal_attention(padded):
     assert not torch.allclose(got[0, 0], sparse[T - 1], atol=1e-3)   # and that is not what MoBA gives
 
 
+def test_a_decoding_step_on_cuda_keeps_sdpa_off_cudnn():
+    """cuDNN plans per shape, and a decoding step's key length is new every step: the dense step runs FlashAttention's
+    kernel (or the other plan-free ones) on CUDA, and SDPA's own choice on the CPU."""
+    with cached_attention.decode_sdpa_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    with cached_attention.decode_sdpa_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
+
+
 def greedy_by_recomputing(model, prompt, new_tokens):
     """Greedy decoding that runs the whole sequence through the model (the operator) at every step."""
     seq, step_logits = prompt, []

@@ -95,6 +95,9 @@ def _boundaries(batch: int, seq: int, keep: torch.Tensor | None, kwargs: dict,
         return cu_q.to(torch.int32), int(max_q)
 
     position_ids = kwargs.get("position_ids")
+    if position_ids is None and keep is None:
+        # Every row is one whole document: nothing to read back from the device.
+        return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device), seq
     if position_ids is None:
         pos = torch.arange(seq, device=device).repeat(batch)
     else:
@@ -119,7 +122,7 @@ def _unpadded_documents(padding: torch.Tensor | None, batch: int, seq: int, kwar
 
     position_ids = kwargs.get("position_ids")
     if kwargs.get("cu_seq_lens_q") is not None or (padding is None and position_ids is None):
-        return compute()                  # the trainer's packs (boundaries given), or nothing to key on
+        return compute()                  # the trainer's packs (boundaries given), or whole rows: no device read
     owner, also = (padding, position_ids) if padding is not None else (position_ids, None)
     return once_per_mask(owner, ("unpadded documents", batch, seq, str(device)), compute, also)
 

@@ -290,3 +290,18 @@ def test_a_padded_prefill_reads_its_documents_back_once_per_forward(monkeypatch)
     packed[0, 6:] += 6                                                # written in place: one document again
     assert attention._unpadded_documents(padding, 2, 12, {"position_ids": packed},
                                          torch.device("cpu"))[1].tolist() == [0, 7, 19]
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 1), (1, 9), (3, 7)])
+def test_whole_rows_need_no_read_from_the_device(monkeypatch, batch, seq):
+    """No padding and no position ids: each row is one document, so the boundaries are known on the host; they equal
+    what the general path computes from explicit positions."""
+    import moba_train.models.attention as attention
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("read back from the device")
+
+    expected = attention._boundaries(batch, seq, None, {"position_ids": torch.arange(seq)[None]}, torch.device("cpu"))
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_read)
+    keep, cu, max_len = attention._unpadded_documents(None, batch, seq, {}, torch.device("cpu"))
+    assert keep is None and cu.dtype == torch.int32 and cu.tolist() == expected[0].tolist() and max_len == expected[1]

@@ -7,14 +7,15 @@ on the device, one token appended per step, so that one CUDA graph replays every
 Two levels per context length L:
   attention  one layer's attention for one new token over a cache of L keys (random q/k/v): the part
              the decode mode changes. For `moba` the first call, which builds the block means from the
-             whole cache, is reported apart ("state build"). ms/token synchronises after every step (host
-             time included); "pipelined" issues --steps steps back to back and synchronises once; "graph" (CUDA)
-             replays one step captured in a CUDA graph: the device's time alone; "graph sync" the same replays
-             timed on the host with a synchronisation after each (what a graph-replayed decoding loop pays per
-             step). `full`, `moba` and `moba-triton` replay a step at one cache length; `moba-device` appends
-             a token at every step, replays included (its cache grows from L by a few dozen tokens). With
-             --growing, `full`, `moba` and `moba-triton` also see one more key per step (views of a
-             preallocated buffer, as MobaKVCache hands them to attention in generate); no graph columns then.
+             whole cache, is reported apart ("state build"). ms/step (one token for each of --batch rows)
+             synchronises after every step (host time included); tokens/s counts every row's token;
+             "pipelined" issues --steps steps back to back and synchronises once; "graph" (CUDA) replays
+             one step captured in a CUDA graph: the device's time alone; "graph sync" the same replays timed on
+             the host with a synchronisation after each (what a graph-replayed decoding loop pays per step).
+             `full`, `moba` and `moba-triton` replay a step at one cache length; `moba-device` appends a token
+             at every step, replays included (its cache grows from L by a few dozen tokens). With --growing,
+             `full`, `moba` and `moba-triton` also see one more key per step (views of a preallocated buffer,
+             as MobaKVCache hands them to attention in generate); no graph columns then.
   model      a whole decoding step of a randomly initialised decoder (forward of one token, every layer
              MoBA) after a MoBA prefill of L tokens: what generate() pays per token, with each KV cache
              class of --caches: `dynamic` (transformers' DynamicCache, which appends by concatenation,
@@ -148,7 +149,8 @@ def bench_attention(L: int, mode: str, args) -> dict:
         # A graph replays one length: not what --growing measures.
         graph, graph_sync = graph_seconds(step, args) if dev == "cuda" and not args.growing else (None, None)
     ms = 1e3 * statistics.median(times)
-    return {"level": "attention", "context": L, "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+    return {"level": "attention", "context": L, "decode": mode, "ms_per_step": ms,
+            "tokens_per_s": args.batch * 1e3 / ms,
             "pipelined_ms": 1e3 * pipelined, "graph_ms": None if graph is None else 1e3 * graph,
             "graph_sync_ms": None if graph_sync is None else 1e3 * graph_sync,
             "state_build_ms": 1e3 * build if mode not in ("full", "moba-device") else None, "peak_gib": peak_gib(dev)}
@@ -232,7 +234,7 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
             cache.crop(-(args.warmup + args.steps))   # back to the prefill for the next mode
             ms = 1e3 * statistics.median(times)
             rows.append({"level": f"model/{cache_class}", "model": args.model, "cache": cache_class, "context": L,
-                         "decode": mode, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "prefill_s": prefill,
+                         "decode": mode, "ms_per_step": ms, "tokens_per_s": args.batch * 1e3 / ms, "prefill_s": prefill,
                          "peak_gib": peak_gib(dev)})
     del cache, out
     return rows
@@ -250,7 +252,8 @@ def _bench_model_graph(model, cache, prefill_out, L: int, mode: str, prefill_s: 
     times = [timed(decoding.replay, args.device) for _ in range(args.steps)]
     ms = 1e3 * statistics.median(times)
     return {"level": "model/moba", "model": args.model, "cache": "moba", "context": L, "decode": mode,
-            "ms_per_token": ms, "tokens_per_s": 1e3 / ms, "prefill_s": prefill_s, "peak_gib": peak_gib(args.device)}
+            "ms_per_step": ms, "tokens_per_s": args.batch * 1e3 / ms, "prefill_s": prefill_s,
+            "peak_gib": peak_gib(args.device)}
 
 
 def main():
@@ -296,7 +299,7 @@ def main():
         # (lazy inits; on CPU, glibc's mmap threshold, which rises only once large blocks have been freed).
         for mode in [m for m in args.modes if m in ATTENTION_MODES]:
             bench_attention(max(args.contexts), mode, args)
-    print("| context | level | decode | ms/token | tokens/s | vs full | pipelined ms | graph ms | graph vs full "
+    print("| context | level | decode | ms/step | tokens/s | vs full | pipelined ms | graph ms | graph vs full "
           "| graph sync ms | graph sync vs full | state build ms | prefill s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for L in args.contexts:
@@ -309,11 +312,11 @@ def main():
         full_graph = {r["level"]: r for r in rows if r["decode"] == "full-graph"}
         for r in rows:
             base = (full_graph if r["decode"] in GRAPH_MODES else full).get(r["level"])   # graph vs graph
-            ratio = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base else ""
+            ratio = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else ""
             graph_ratio = f"{base['graph_ms'] / r['graph_ms']:.2f}x" if base and r.get("graph_ms") else ""
             sync_ratio = (f"{base['graph_sync_ms'] / r['graph_sync_ms']:.2f}x" if base and r.get("graph_sync_ms")
                           else "")
-            cells = [f"{L // 1024}K" if L % 1024 == 0 else str(L), r["level"], r["decode"], f"{r['ms_per_token']:.3f}",
+            cells = [f"{L // 1024}K" if L % 1024 == 0 else str(L), r["level"], r["decode"], f"{r['ms_per_step']:.3f}",
                      f"{r['tokens_per_s']:.0f}", ratio,
                      "" if r.get("pipelined_ms") is None else f"{r['pipelined_ms']:.3f}",
                      "" if r.get("graph_ms") is None else f"{r['graph_ms']:.3f}", graph_ratio,

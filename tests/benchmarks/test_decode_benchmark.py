@@ -39,4 +39,4 @@ def test_each_step_sees_the_cache_length_the_option_says(decode_benchmark, monke
     # the build call, the warm-up, the timed steps and the pipelined steps
     assert len(seen) == 1 + args.warmup + 2 * args.steps
     assert seen == (list(range(256, 256 + len(seen))) if growing else [256] * len(seen))
-    assert row["ms_per_token"] > 0 and row["graph_ms"] is None
+    assert row["ms_per_step"] > 0 and row["graph_ms"] is None

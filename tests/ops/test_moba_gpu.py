@@ -20,6 +20,7 @@ from moba_train.ops.moba import triton as triton_backend
 from moba_train.ops.moba.flex import moba_flex
 from moba_train.ops.moba.lean import moba_lean
 from moba_train.ops.moba.naive import moba_naive
+from moba_train.ops.moba.routing import block_means
 from tests.ops.test_moba import Pack
 
 pytestmark = pytest.mark.gpu
@@ -151,21 +152,21 @@ ROUTING_CASES = {"bs64-gqa4-top4": (Pack((1000, 3001, 517), 64), (8, 2), 4),
                  "bs1024-top3": (Pack((5000,), 1024), (4, 1), 3)}
 
 
+@pytest.mark.parametrize("centroids", ["reference", "fp32"])
 @pytest.mark.parametrize("case", ROUTING_CASES.values(), ids=ROUTING_CASES.keys())
-def test_triton_gate_picks_the_best_blocks(case):
+def test_triton_gate_picks_the_best_blocks(case, centroids):
     pack, (hq, hkv), topk = case
     (q, k, _), _ = _inputs(pack, (hq, hkv), torch.bfloat16, seed=1)
     layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
-    plan = triton_backend.make_plan(q, k, layout, topk, 1.0)
+    plan = triton_backend.make_plan(q, k, layout, topk, 1.0, centroids=centroids)
     got = plan.sel.long()
     n_sel = got.shape[-1]
-    want = select_blocks(q, k, layout, topk)[..., :n_sel]
+    want = select_blocks(q, k, layout, topk, centroids=centroids)[..., :n_sel]
 
-    # Exact scores in fp64, every (token, head, block); -inf where the block is no candidate.
+    # Scores in fp64 of every (token, head, block) against the block means as the convention rounds them
+    # ("reference": fp32 means rounded to bf16, the gate's input); -inf where the block is no candidate.
     T, NB = pack.tokens, layout.num_blocks
-    means = torch.zeros(NB, hkv, HEAD_DIM, dtype=torch.float64, device="cuda")
-    means.index_add_(0, layout.token_block, k.detach().double())
-    means /= layout.block_len[:, None, None].double()
+    means = block_means(k, layout, centroids).double()
     scores = torch.einsum("thd,nhd->thn", q.detach().double(), means.repeat_interleave(hq // hkv, dim=1))
     blocks = torch.arange(NB, device="cuda")
     cand = (blocks[None, :] >= layout.token_doc_first_block[:, None]) & (blocks[None, :] < layout.token_block[:, None])

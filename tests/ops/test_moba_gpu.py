@@ -9,6 +9,7 @@ its own: its choice must be optimal up to rounding, and agree with select_blocks
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -104,6 +105,44 @@ def test_triton_matches_naive_given_the_same_routing(case, dtype):
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
     got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
     _assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("case", ["3docs-ragged-bs64-gqa4-top3", "bs80-not-pow2-gqa3-top3", "2docs-bs4096-gqa4-top2"])
+def test_triton_forward_in_spans_matches_naive(case, monkeypatch):
+    """A budget of ~700 tokens' fp32 row state: several spans per pack (block 4096: a span per block)."""
+    pack, heads, topk = CASES[case]
+    budget = 700 * heads[0] * (HEAD_DIM + 2) * 4
+    monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
+                                                                      fwd_state_bytes=budget))
+    (q, k, v), dout = _inputs(pack, heads, torch.bfloat16)
+    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
+    got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
+    _assert_matches(got, want, torch.bfloat16)
+    with torch.no_grad():                     # routed span by span
+        alone = triton_backend.moba_triton(q, k, v, build_layout(pack.cu_seqlens.tolist(), pack.block_size,
+                                                                 torch.device("cuda")), topk=topk,
+                                           softmax_scale=HEAD_DIM ** -0.5)
+    assert _rel_err(alone, want[0]) < 1e-2
+
+
+def test_a_forward_without_gradients_keeps_its_row_state_within_the_budget(monkeypatch):
+    """256K tokens, 16/4 heads of 64: the whole fp32 row state would be 1.1 GB, twice the bf16 output."""
+    T, hq, hkv = 1 << 18, 16, 4
+    budget = 64 * 2**20
+    monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
+                                                                      fwd_state_bytes=budget))
+    q = torch.randn(T, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(T, hkv, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    layout = build_layout([0, T], 512, torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = triton_backend.moba_triton(q, k, v, layout, topk=8, softmax_scale=0.125)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    out_bytes = out.numel() * out.element_size()
+    assert extra < out_bytes + 4 * budget, f"peaked at {extra / 2**20:.0f} MiB over the inputs"
 
 
 # Each (shape, dtype) compiles FlexAttention anew (tens of seconds): two cases cover both dtypes.

@@ -35,7 +35,7 @@ def test_interpreted_kernels_pass_in_a_fresh_process():
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     # Every case ran and passed; only the launcher itself is skipped in there.
-    assert res.returncode == 0 and f"{len(CASES) + 2} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and f"{len(CASES) + 2 + 2 * len(SPAN_CASES)} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
 CASES = {
@@ -48,9 +48,9 @@ CASES = {
 in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs inside the launcher's TRITON_INTERPRET=1 process")
 
 
-def _run(pack, heads, topk, dtype, monkeypatch, shared_routing):
+def _run(pack, heads, topk, dtype, monkeypatch, shared_routing, **config):
     monkeypatch.setattr(triton_backend, "CONFIG", triton_backend.TileConfig(
-        route_m=16, route_n=16, pair_m=16, fwd_n=16, own_m=16, dq_n=16, dkv_m=16, dkv_n=16))
+        route_m=16, route_n=16, pair_m=16, fwd_n=16, own_m=16, dq_n=16, dkv_m=16, dkv_n=16, **config))
     # Separated gates when each backend routes on its own, so rounding cannot flip a near-tie.
     q, k, v = make_inputs(pack, *heads, dtype=dtype, separated=not shared_routing)
     grad_out = torch.randn_like(q)
@@ -77,3 +77,50 @@ def test_triton_with_its_own_gate_matches_naive_fp32(case, monkeypatch):
                          ids=["3docs-ragged-bs16-gqa2-top3", "bs7-gqa3-top3"])
 def test_triton_given_the_same_routing_matches_naive_fp16(case, monkeypatch):
     _run(*case, torch.float16, monkeypatch, shared_routing=True)
+
+
+# The forward in spans of whole blocks: a budget of 20 tokens' fp32 row state makes several spans per pack (and
+# blocks larger than the budget spans of their own).
+SPAN_CASES = ["3docs-ragged-bs16-gqa2-top3", "bs48-mha-top-all", "bs7-gqa3-top3"]
+
+
+def _state_bytes(name, tokens, head_dim=16):      # make_inputs' head_dim
+    return tokens * CASES[name][1][0] * (head_dim + 2) * 4
+
+
+@in_interpreter
+@pytest.mark.parametrize("name", SPAN_CASES)
+def test_triton_forward_in_spans_matches_naive_with_gradients(name, monkeypatch):
+    pack, heads, topk = CASES[name]
+    q, k, _ = make_inputs(pack, *heads)
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, q.device)
+    config = triton_backend.TileConfig(fwd_state_bytes=_state_bytes(name, 20))
+    plan = triton_backend.make_plan(q, k, layout, topk, 1.0, config=config)
+    assert len(plan.spans) > 2 and plan.grouping is None       # the backward groups the kept selection itself
+    _run(pack, heads, topk, torch.float32, monkeypatch, shared_routing=False, fwd_state_bytes=_state_bytes(name, 20))
+
+
+@in_interpreter
+@pytest.mark.parametrize("name", SPAN_CASES)
+def test_triton_forward_in_spans_without_gradients_routes_each_span_and_matches(name, monkeypatch):
+    pack, heads, topk = CASES[name]
+    monkeypatch.setattr(triton_backend, "CONFIG", triton_backend.TileConfig(
+        route_m=16, route_n=16, pair_m=16, fwd_n=16, own_m=16, fwd_state_bytes=_state_bytes(name, 20)))
+    routed = []
+    select = triton_backend.routing.select_blocks
+
+    def spy(*args, span=None, **kwargs):
+        routed.append(span)
+        return select(*args, span=span, **kwargs)
+
+    monkeypatch.setattr(triton_backend.routing, "select_blocks", spy)
+    q, k, v = make_inputs(pack, *heads, dtype=torch.float32, separated=True)
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, q.device)
+    with torch.no_grad():
+        got = triton_backend.moba_triton(q, k, v, layout, topk=topk, softmax_scale=0.3)
+    want = moba_naive(q, k, v, layout, topk=topk, softmax_scale=0.3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # One routing per span, none of all tokens: no selection of the whole pack is ever held.
+    assert len(routed) > 2 and None not in routed
+    assert [span[2:] for span in routed] == list(zip([0] + [s[3] for s in routed[:-1]], [s[3] for s in routed]))
+    assert routed[-1][3] == pack.tokens

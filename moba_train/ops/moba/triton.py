@@ -62,6 +62,7 @@ class TileConfig:
     dkv_n: int = 128         # keys per dk/dv program
     dkv_warps: int = 8
     dkv_stages: int = 2
+    fwd_state_bytes: int = 2304 * 2**20  # the forward's fp32 row state per span of whole blocks (128K x 32 x 128: one)
 
 
 # Tiles by head dim (BLOCK_D = the next power of two >= head_dim; 80, 96 and 192 run padded, masked to head_dim).
@@ -86,23 +87,39 @@ CONFIG: TileConfig | None = None
 
 
 @dataclass
-class _Plan:
-    """Routing and its grouping for one call, reused by the backward pass."""
+class _Grouping:
+    """The (row, block) pairs of some rows, sorted by (KV head, block, slot, row); rows count from the first row of
+    the tokens they were grouped for."""
 
-    layout: BlockLayout
-    block_start: torch.Tensor     # [NB] int32
-    block_len: torch.Tensor       # [NB] int32
-    sel: torch.Tensor             # [T, Hq, n_select] int32, -1 only at the tail
-    n_select: int
     pair_rows: torch.Tensor       # [P] int32 rows (t * Hq + hq), sorted by (hkv, block, slot, row)
     tiles: torch.Tensor           # [n_tiles, 4] int32 (block, hkv, first pair, count), wave-major
     wave_tiles: list[int]         # tiles per wave (slot)
     group_first: torch.Tensor     # [Hkv * NB] int32 first pair of each (hkv, block)
     group_count: torch.Tensor     # [Hkv * NB] int32 pairs of each (hkv, block)
     group_order: torch.Tensor     # [Hkv * NB] int32 groups by descending pair count (dk/dv scheduling)
+
+
+@dataclass
+class _Plan:
+    """Routing and its grouping for one call, reused by the backward pass.
+
+    The forward runs span by span: whole blocks whose rows' fp32 state (max, sum, acc) fits
+    `config.fwd_state_bytes`, so the state never covers more rows than that (a 1M-token forward would otherwise keep
+    2x its output's size in fp32 state). With one span the selection and the grouping of all rows are made once and
+    serve the backward too; with several, each span is grouped (and, when no gradient is needed, routed) on its own,
+    and the backward groups all rows from the kept selection."""
+
+    layout: BlockLayout
+    block_start: torch.Tensor     # [NB] int32
+    block_len: torch.Tensor       # [NB] int32
+    block_doc_first: torch.Tensor  # [NB] int32 first block of each block's document
+    n_select: int
+    spans: list[tuple[int, int, int, int]]  # (first block, end block, first token, end token)
+    sel: torch.Tensor | None      # [T, Hq, n_select] int32, -1 only at the tail; None: routed span by span
+    grouping: _Grouping | None    # of all rows (one span), else made when needed
     scale: float
     config: TileConfig
-
+    centroids: str
 
 def _check(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -152,14 +169,43 @@ def _group_pairs(sel: torch.Tensor, hq: int, hkv: int, nb: int, pair_m: int):
 
     group_count = counts.sum(1)
     group_order = torch.sort(group_count, descending=True, stable=True).indices.to(torch.int32)
-    return pair_rows, tiles, wave_tiles, first[:, 0].to(torch.int32), group_count.to(torch.int32), group_order
+    return _Grouping(pair_rows, tiles, wave_tiles, first[:, 0].to(torch.int32), group_count.to(torch.int32),
+                     group_order)
+
+
+def _no_pairs(hkv: int, nb: int, device) -> _Grouping:
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+    zeros = torch.zeros(hkv * nb, dtype=torch.int32, device=device)
+    return _Grouping(empty, empty.view(0, 4), [], zeros, zeros, torch.arange(hkv * nb, dtype=torch.int32, device=device))
+
+
+def _spans(layout: BlockLayout, heads: int, head_dim: int, budget: int) -> list[tuple[int, int, int, int]]:
+    """Runs of whole blocks (first block, end block, first token, end token) of at most `budget` bytes of fp32 row state
+    each (a block larger than that is a span of its own), from the host's copy of the boundaries: no device sync."""
+    T, NB = layout.num_tokens, layout.num_blocks
+    per_token = heads * (head_dim + 2) * 4
+    max_tokens = max(1, budget // per_token)
+    if T <= max_tokens:
+        return [(0, NB, 0, T)]
+    cu, bs = layout.cu_seqlens, layout.block_size
+    starts = [t for a, b in zip(cu, cu[1:]) for t in range(a, b, bs)] + [T]
+    assert len(starts) == NB + 1, (len(starts), NB)
+    spans, b0 = [], 0
+    while b0 < NB:
+        b1 = b0 + 1
+        while b1 < NB and starts[b1 + 1] - starts[b0] <= max_tokens:
+            b1 += 1
+        spans.append((b0, b1, starts[b0], starts[b1]))
+        b0 = b1
+    return spans
 
 
 def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: torch.Tensor | None = None,
-              config: TileConfig | None = None, centroids: str = "reference") -> _Plan:
-    """Route (or take a given selection [T, Hq, >= n_select], -1 only at the tail) and group the pairs."""
+              config: TileConfig | None = None, centroids: str = "reference", keep_selection: bool = True) -> _Plan:
+    """Route (or take a given selection [T, Hq, >= n_select], -1 only at the tail) and group the pairs.
+    keep_selection=False (no gradient will be asked for): a forward of several spans routes each span on its own."""
     config = config or CONFIG or tiles_for(q.shape[-1])
-    T, Hq, _ = q.shape
+    T, Hq, D = q.shape
     Hkv = k.shape[1]
     NB = layout.num_blocks
     bounds = layout.doc_first_block
@@ -167,19 +213,29 @@ def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: t
     n_select = min(topk - 1, max_blocks - 1)
     block_start = layout.block_start.to(torch.int32)
     block_len = layout.block_len.to(torch.int32)
-    if sel is None:
-        block_doc_first = layout.token_doc_first_block[layout.block_start].to(torch.int32)
-        sel = routing.select_blocks(q.detach(), k.detach(), block_start, block_len, block_doc_first,
-                                    layout.block_size, n_select, config.route_m, config.route_n, centroids)
-    else:
-        sel = sel[..., :n_select].to(torch.int32).contiguous()
-    if n_select > 0:
-        grouped = _group_pairs(sel, Hq, Hkv, NB, config.pair_m)
-    else:
-        empty = torch.zeros(0, dtype=torch.int32, device=q.device)
-        zeros = torch.zeros(Hkv * NB, dtype=torch.int32, device=q.device)
-        grouped = (empty, empty.view(0, 4), [], zeros, zeros, torch.arange(Hkv * NB, dtype=torch.int32, device=q.device))
-    return _Plan(layout, block_start, block_len, sel, n_select, *grouped, scale=softmax_scale, config=config)
+    block_doc_first = layout.token_doc_first_block[layout.block_start].to(torch.int32)
+    spans = _spans(layout, Hq, D, config.fwd_state_bytes)
+    plan = _Plan(layout, block_start, block_len, block_doc_first, n_select, spans, None, None, softmax_scale, config,
+                 centroids)
+    if sel is not None:
+        plan.sel = sel[..., :n_select].to(torch.int32).contiguous()
+    elif keep_selection or len(spans) == 1:
+        plan.sel = _route(q, k, plan)
+    if len(spans) == 1:
+        plan.grouping = _group(plan.sel, Hq, Hkv, plan)
+    return plan
+
+
+def _route(q, k, plan: _Plan, span=None, means=None) -> torch.Tensor:
+    c = plan.config
+    return routing.select_blocks(q.detach(), k.detach(), plan.block_start, plan.block_len, plan.block_doc_first,
+                                 plan.layout.block_size, plan.n_select, c.route_m, c.route_n, plan.centroids,
+                                 means=means, span=span)
+
+
+def _group(sel: torch.Tensor, Hq: int, Hkv: int, plan: _Plan) -> _Grouping:
+    NB = plan.layout.num_blocks
+    return _group_pairs(sel, Hq, Hkv, NB, plan.config.pair_m) if plan.n_select else _no_pairs(Hkv, NB, sel.device)
 
 
 def _dims(q, k):
@@ -199,10 +255,10 @@ def _own_grid(plan: _Plan, G: int, block_m: int):
     return block_m, tok_per_tile, -(-plan.layout.block_size // tok_per_tile)
 
 
-def _waves(plan: _Plan):
+def _waves(grouping: _Grouping):
     """(wave index, first tile, tile count) of each non-empty wave, in order."""
     base = 0
-    for s, n in enumerate(plan.wave_tiles):
+    for s, n in enumerate(grouping.wave_tiles):
         if n:
             yield s, base, n
         base += n
@@ -214,28 +270,42 @@ def forward(q, k, v, plan: _Plan):
     scale2 = plan.scale * math.log2(math.e)
     out = torch.empty_like(q)
     lse = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
-    if plan.n_select:
-        acc = torch.empty(T * Hq, D, dtype=torch.float32, device=q.device)
-        m = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
-        l = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
-        for s, base, n in _waves(plan):
-            kernels.fwd_pairs_kernel[(n,)](
-                q, k, v, acc, m, l, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len, scale2, Hkv, D,
-                FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.fwd_n, BLOCK_D=BD, PRECISION=prec,
-                num_warps=c.fwd_warps, num_stages=c.fwd_stages)
-    else:
-        acc = m = l = lse  # never read: no row has a selected block
+    means = None
+    if plan.sel is None and plan.n_select:      # routed span by span: the block means once
+        means = routing.block_means(k.detach(), plan.block_start, plan.block_len, plan.centroids)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
-    kernels.fwd_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
-        q, k, v, out, lse, acc, m, l, plan.sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
-        plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.fwd_n, BLOCK_D=BD, PRECISION=prec,
-        num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+    for span in plan.spans:
+        b0, b1, t0, t1 = span
+        if len(plan.spans) == 1:
+            sel, grouping = plan.sel, plan.grouping
+        else:
+            sel = plan.sel[t0:t1] if plan.sel is not None else _route(q, k, plan, span, means)
+            grouping = _group(sel, Hq, Hkv, plan)
+        rows = (t1 - t0) * Hq                   # the span's rows; its state and selection count from its first row
+        if plan.n_select:
+            acc = torch.empty(rows, D, dtype=torch.float32, device=q.device)
+            m = torch.empty(rows, dtype=torch.float32, device=q.device)
+            l = torch.empty(rows, dtype=torch.float32, device=q.device)
+            for s, base, n in _waves(grouping):
+                kernels.fwd_pairs_kernel[(n,)](
+                    q[t0:t1], k, v, acc, m, l, grouping.pair_rows, grouping.tiles, base, plan.block_start,
+                    plan.block_len, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.fwd_n, BLOCK_D=BD,
+                    PRECISION=prec, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+        else:
+            acc = m = l = lse  # never read: no row has a selected block
+        kernels.fwd_own_kernel[((b1 - b0) * chunks, Hkv)](
+            q, k, v, out, lse, acc, m, l, sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
+            plan.n_select, tok_per_tile, chunks, b0, t0 * Hq, BLOCK_M=own_m, BLOCK_N=c.fwd_n, BLOCK_D=BD,
+            PRECISION=prec, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+        del acc, m, l, grouping
     return out, lse
 
 
 def backward(q, k, v, out, lse, dout, plan: _Plan):
     T, Hq, Hkv, G, D, BD = _dims(q, k)
     c, prec = plan.config, _precision(q.dtype)
+    assert plan.sel is not None, "a forward that needs no gradient keeps no selection, and builds no graph"
+    grouping = plan.grouping or _group(plan.sel, Hq, Hkv, plan)
     scale2 = plan.scale * math.log2(math.e)
     dout = dout.contiguous()
     delta = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
@@ -243,9 +313,9 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
 
     dq = torch.empty_like(q)
     dq_acc = torch.empty(T * Hq, D, dtype=torch.float32, device=q.device) if plan.n_select else delta
-    for s, base, n in _waves(plan):
+    for s, base, n in _waves(grouping):
         kernels.bwd_dq_pairs_kernel[(n,)](
-            q, k, v, dout, lse, delta, dq_acc, plan.pair_rows, plan.tiles, base, plan.block_start, plan.block_len,
+            q, k, v, dout, lse, delta, dq_acc, grouping.pair_rows, grouping.tiles, base, plan.block_start, plan.block_len,
             plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.dq_n, BLOCK_D=BD,
             PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
@@ -259,7 +329,8 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
     NB = plan.layout.num_blocks
     chunks = -(-plan.layout.block_size // c.dkv_n)
     kernels.bwd_dkv_kernel[(Hkv * NB * chunks,)](
-        q, k, v, dout, lse, delta, dk, dv, plan.pair_rows, plan.group_first, plan.group_count, plan.group_order,
+        q, k, v, dout, lse, delta, dk, dv, grouping.pair_rows, grouping.group_first, grouping.group_count,
+        grouping.group_order,
         plan.block_start, plan.block_len, plan.scale, scale2, Hq, Hkv, G, D, NB, chunks,
         BLOCK_M=c.dkv_m, BLOCK_N=c.dkv_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.dkv_warps,
         num_stages=c.dkv_stages)
@@ -285,7 +356,8 @@ def moba_triton(q, k, v, layout: BlockLayout, *, topk: int, softmax_scale: float
     """The operator on Triton kernels. `selected` (tests only) replaces the gate by a given selection."""
     _check(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    plan = make_plan(q, k, layout, topk, softmax_scale, sel=selected, centroids=centroids)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    plan = make_plan(q, k, layout, topk, softmax_scale, sel=selected, centroids=centroids, keep_selection=needs_grad)
     return _TritonMoBA.apply(q, k, v, plan)
 
 

@@ -122,8 +122,10 @@ def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, 
 @triton.jit
 def fwd_own_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr, sel_ptr,
                    block_start_ptr, block_len_ptr, scale2, Hq, Hkv, G, D, n_select, tok_per_tile, chunks_per_block,
+                   blk_base, row_base,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    blk = tl.program_id(0) // chunks_per_block
+    """The blocks blk_base.. of one span; its state (acc, m, l) and selection hold rows from row_base on."""
+    blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
     hkv = tl.program_id(1)
     kstart, n_hi, q_pos, rows, row_ok = _own_tile(blk, chunk, hkv, block_start_ptr, block_len_ptr, tok_per_tile,
@@ -138,10 +140,11 @@ def fwd_own_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
                                 CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
         if n_select > 0:
             # Rows that selected any block (their slot 0 is filled) carry a state from the waves.
-            has_sel = row_ok & (tl.load(sel_ptr + rows * n_select, mask=row_ok, other=-1) >= 0)
-            m_old = tl.load(m_ptr + rows, mask=has_sel, other=float("-inf"))
-            l_old = tl.load(l_ptr + rows, mask=has_sel, other=0.0)
-            acc_old = _load_rows(acc_ptr, rows, has_sel, offs_d, D)
+            span_rows = rows - row_base
+            has_sel = row_ok & (tl.load(sel_ptr + span_rows * n_select, mask=row_ok, other=-1) >= 0)
+            m_old = tl.load(m_ptr + span_rows, mask=has_sel, other=float("-inf"))
+            l_old = tl.load(l_ptr + span_rows, mask=has_sel, other=0.0)
+            acc_old = _load_rows(acc_ptr, span_rows, has_sel, offs_d, D)
             m_new = tl.maximum(m_old, m_i)
             a_old = tl.exp2(m_old - m_new)
             a_new = tl.exp2(m_i - m_new)

@@ -41,11 +41,12 @@ def _block_means_kernel(k_ptr, means_ptr, block_start_ptr, block_len_ptr, stride
 
 @triton.jit
 def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_ptr, block_doc_first_ptr,
-                          stride_qt, stride_qh, Hq, G, Hkv, D, n_select, chunks_per_block,
+                          stride_qt, stride_qh, Hq, G, Hkv, D, n_select, chunks_per_block, blk_base, tok_base,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """sel[t, hq, :n_select] = ids of the best earlier blocks of t's document; -1 pads a short list."""
-    blk = tl.program_id(0) // chunks_per_block
+    """sel[t - tok_base, hq, :n_select] = ids of the best earlier blocks of t's document, for the tokens of blocks
+    blk_base.. (one program per 64 tokens of a block and query head); -1 pads a short list."""
+    blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
     hq = tl.program_id(1)
     hkv = hq // G
@@ -58,7 +59,7 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
         row_ok = offs_m < n
         slot = tl.arange(0, BLOCK_K)
         slot_real = slot < n_select
-        out_ptrs = sel_ptr + (tokens[:, None] * Hq + hq) * n_select + slot[None, :]
+        out_ptrs = sel_ptr + ((tokens[:, None] - tok_base) * Hq + hq) * n_select + slot[None, :]
         out_mask = row_ok[:, None] & slot_real[None, :]
         n_cand = blk - first
         if n_cand <= n_select:
@@ -108,20 +109,24 @@ def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Ten
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
                   block_doc_first: torch.Tensor, block_size: int, n_select: int,
-                  block_m: int = 64, block_n: int = 32, centroids: str = "reference") -> torch.Tensor:
+                  block_m: int = 64, block_n: int = 32, centroids: str = "reference",
+                  means: torch.Tensor | None = None, span: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """[T, Hq, n_select] int32 ids of the blocks each query attends besides its own, best first
-    until the list is full; -1 only at the tail, when the document has fewer earlier blocks."""
+    until the list is full; -1 only at the tail, when the document has fewer earlier blocks.
+    `span` (b0, b1, t0, t1): route only the tokens t0..t1 of blocks b0..b1, into a [t1 - t0, Hq, n_select]
+    selection; `means`: the block means (`block_means`) when the caller routes several spans."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    sel = torch.empty(T, Hq, n_select, dtype=torch.int32, device=q.device)
-    NB = block_start.numel()
-    if n_select == 0 or NB == 0:
+    b0, b1, t0, t1 = span if span is not None else (0, block_start.numel(), 0, T)
+    sel = torch.empty(t1 - t0, Hq, n_select, dtype=torch.int32, device=q.device)
+    if n_select == 0 or b1 == b0:
         return sel
-    means = block_means(k, block_start, block_len, centroids)
+    if means is None:
+        means = block_means(k, block_start, block_len, centroids)
     block_m = min(block_m, max(16, triton.next_power_of_2(block_size)))
     chunks = -(-block_size // block_m)
-    _select_blocks_kernel[(NB * chunks, Hq)](
+    _select_blocks_kernel[((b1 - b0) * chunks, Hq)](
         q, means, sel, block_start, block_len, block_doc_first, q.stride(0), q.stride(1), Hq, Hq // Hkv, Hkv, D,
-        n_select, chunks, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(max(D, 16)),
+        n_select, chunks, b0, t0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(max(D, 16)),
         BLOCK_K=triton.next_power_of_2(max(n_select, 2)), PRECISION=SCORE_PRECISION)
     return sel

@@ -103,11 +103,11 @@ class _Grouping:
 class _Plan:
     """Routing and its grouping for one call, reused by the backward pass.
 
-    The forward runs span by span: whole blocks whose rows' fp32 state (max, sum, acc) fits
-    `config.fwd_state_bytes`, so the state never covers more rows than that (a 1M-token forward would otherwise keep
-    2x its output's size in fp32 state). With one span the selection and the grouping of all rows are made once and
-    serve the backward too; with several, each span is grouped (and, when no gradient is needed, routed) on its own,
-    and the backward groups all rows from the kept selection."""
+    The forward and the backward's dq run span by span: whole blocks whose rows' fp32 state (the forward's max, sum
+    and acc; dq's accumulator) fits `config.fwd_state_bytes`, so no fp32 buffer covers more rows than that (a 1M-token
+    forward would otherwise keep 2x its output's size in fp32 state). With one span the selection and the grouping of
+    all rows are made once and serve every pass; with several, each span is grouped (and, when no gradient is needed,
+    routed) on its own, and dk/dv group all rows from the kept selection."""
 
     layout: BlockLayout
     block_start: torch.Tensor     # [NB] int32
@@ -305,33 +305,38 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
     T, Hq, Hkv, G, D, BD = _dims(q, k)
     c, prec = plan.config, _precision(q.dtype)
     assert plan.sel is not None, "a forward that needs no gradient keeps no selection, and builds no graph"
-    grouping = plan.grouping or _group(plan.sel, Hq, Hkv, plan)
     scale2 = plan.scale * math.log2(math.e)
     dout = dout.contiguous()
     delta = torch.empty(T * Hq, dtype=torch.float32, device=q.device)
     kernels.bwd_delta_kernel[(triton.cdiv(T * Hq, 64),)](out, dout, delta, T * Hq, D, BLOCK_M=64, BLOCK_D=BD)
 
+    # dq span by span, as the forward: the fp32 dq accumulator covers one span's rows.
     dq = torch.empty_like(q)
-    dq_acc = torch.empty(T * Hq, D, dtype=torch.float32, device=q.device) if plan.n_select else delta
-    for s, base, n in _waves(grouping):
-        kernels.bwd_dq_pairs_kernel[(n,)](
-            q, k, v, dout, lse, delta, dq_acc, grouping.pair_rows, grouping.tiles, base, plan.block_start, plan.block_len,
-            plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.dq_n, BLOCK_D=BD,
-            PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
-    kernels.bwd_dq_own_kernel[(plan.layout.num_blocks * chunks, Hkv)](
-        q, k, v, dout, lse, delta, dq_acc, dq, plan.sel, plan.block_start, plan.block_len, plan.scale, scale2,
-        Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, BLOCK_M=own_m, BLOCK_N=c.dq_n, BLOCK_D=BD,
-        PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
-    del dq_acc
+    for b0, b1, t0, t1 in plan.spans:
+        sel = plan.sel[t0:t1]
+        grouping = plan.grouping if len(plan.spans) == 1 else _group(sel, Hq, Hkv, plan)
+        rows = slice(t0 * Hq, t1 * Hq)
+        dq_acc = torch.empty((t1 - t0) * Hq, D, dtype=torch.float32, device=q.device) if plan.n_select else delta
+        for s, base, n in _waves(grouping):
+            kernels.bwd_dq_pairs_kernel[(n,)](
+                q[t0:t1], k, v, dout[t0:t1], lse[rows], delta[rows], dq_acc, grouping.pair_rows, grouping.tiles, base,
+                plan.block_start, plan.block_len, plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m,
+                BLOCK_N=c.dq_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
+        kernels.bwd_dq_own_kernel[((b1 - b0) * chunks, Hkv)](
+            q, k, v, dout, lse, delta, dq_acc, dq, sel, plan.block_start, plan.block_len, plan.scale, scale2,
+            Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, b0, t0 * Hq, BLOCK_M=own_m, BLOCK_N=c.dq_n,
+            BLOCK_D=BD, PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
+        del dq_acc, grouping
 
+    # dk/dv by (KV head, block) over every row that chose the block: the grouping of all rows.
+    grouping = plan.grouping or _group(plan.sel, Hq, Hkv, plan)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     NB = plan.layout.num_blocks
     chunks = -(-plan.layout.block_size // c.dkv_n)
     kernels.bwd_dkv_kernel[(Hkv * NB * chunks,)](
         q, k, v, dout, lse, delta, dk, dv, grouping.pair_rows, grouping.group_first, grouping.group_count,
-        grouping.group_order,
-        plan.block_start, plan.block_len, plan.scale, scale2, Hq, Hkv, G, D, NB, chunks,
+        grouping.group_order, plan.block_start, plan.block_len, plan.scale, scale2, Hq, Hkv, G, D, NB, chunks,
         BLOCK_M=c.dkv_m, BLOCK_N=c.dkv_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.dkv_warps,
         num_stages=c.dkv_stages)
     return dq, dk, dv

@@ -213,9 +213,10 @@ def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ac
 @triton.jit
 def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, dq_ptr, sel_ptr,
                       block_start_ptr, block_len_ptr, scale, scale2, Hq, Hkv, G, D, n_select, tok_per_tile,
-                      chunks_per_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    blk = tl.program_id(0) // chunks_per_block
+                      chunks_per_block, blk_base, row_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The blocks blk_base.. of one span; its dq accumulator and selection hold rows from row_base on."""
+    blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
     hkv = tl.program_id(1)
     kstart, n_hi, q_pos, rows, row_ok = _own_tile(blk, chunk, hkv, block_start_ptr, block_len_ptr, tok_per_tile,
@@ -230,8 +231,9 @@ def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_
         dq = _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_pos, dq,
                  CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION) * scale
         if n_select > 0:
-            has_sel = row_ok & (tl.load(sel_ptr + rows * n_select, mask=row_ok, other=-1) >= 0)
-            dq += _load_rows(dq_acc_ptr, rows, has_sel, offs_d, D)
+            span_rows = rows - row_base
+            has_sel = row_ok & (tl.load(sel_ptr + span_rows * n_select, mask=row_ok, other=-1) >= 0)
+            dq += _load_rows(dq_acc_ptr, span_rows, has_sel, offs_d, D)
         tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_d[None, :] < D))
 

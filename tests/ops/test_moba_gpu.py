@@ -113,7 +113,7 @@ def test_triton_forward_in_spans_matches_naive(case, monkeypatch):
     pack, heads, topk = CASES[case]
     budget = 700 * heads[0] * (HEAD_DIM + 2) * 4
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
-                                                                      fwd_state_bytes=budget))
+                                                                      row_state_bytes=budget))
     (q, k, v), dout = _inputs(pack, heads, torch.bfloat16)
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
     got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
@@ -130,7 +130,7 @@ def test_a_forward_without_gradients_keeps_its_row_state_within_the_budget(monke
     T, hq, hkv = 1 << 18, 16, 4
     budget = 64 * 2**20
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
-                                                                      fwd_state_bytes=budget))
+                                                                      row_state_bytes=budget))
     q = torch.randn(T, hq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(T, hkv, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     layout = build_layout([0, T], 512, torch.device("cuda"))

@@ -94,10 +94,10 @@ def test_triton_forward_in_spans_matches_naive_with_gradients(name, monkeypatch)
     pack, heads, topk = CASES[name]
     q, k, _ = make_inputs(pack, *heads)
     layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, q.device)
-    config = triton_backend.TileConfig(fwd_state_bytes=_state_bytes(name, 20))
+    config = triton_backend.TileConfig(row_state_bytes=_state_bytes(name, 20))
     plan = triton_backend.make_plan(q, k, layout, topk, 1.0, config=config)
     assert len(plan.spans) > 2 and plan.grouping is None       # the backward groups the kept selection itself
-    _run(pack, heads, topk, torch.float32, monkeypatch, shared_routing=False, fwd_state_bytes=_state_bytes(name, 20))
+    _run(pack, heads, topk, torch.float32, monkeypatch, shared_routing=False, row_state_bytes=_state_bytes(name, 20))
 
 
 @in_interpreter
@@ -105,7 +105,7 @@ def test_triton_forward_in_spans_matches_naive_with_gradients(name, monkeypatch)
 def test_triton_forward_in_spans_without_gradients_routes_each_span_and_matches(name, monkeypatch):
     pack, heads, topk = CASES[name]
     monkeypatch.setattr(triton_backend, "CONFIG", triton_backend.TileConfig(
-        route_m=16, route_n=16, pair_m=16, fwd_n=16, own_m=16, fwd_state_bytes=_state_bytes(name, 20)))
+        route_m=16, route_n=16, pair_m=16, fwd_n=16, own_m=16, row_state_bytes=_state_bytes(name, 20)))
     routed = []
     select = triton_backend.routing.select_blocks
 

@@ -62,7 +62,7 @@ class TileConfig:
     dkv_n: int = 128         # keys per dk/dv program
     dkv_warps: int = 8
     dkv_stages: int = 2
-    fwd_state_bytes: int = 2304 * 2**20  # the forward's fp32 row state per span of whole blocks (128K x 32 x 128: one)
+    row_state_bytes: int = 2304 * 2**20  # fp32 per-row buffers (forward state, dq accumulator) per span of blocks
 
 
 # Tiles by head dim (BLOCK_D = the next power of two >= head_dim; 80, 96 and 192 run padded, masked to head_dim).
@@ -104,7 +104,7 @@ class _Plan:
     """Routing and its grouping for one call, reused by the backward pass.
 
     The forward and the backward's dq run span by span: whole blocks whose rows' fp32 state (the forward's max, sum
-    and acc; dq's accumulator) fits `config.fwd_state_bytes`, so no fp32 buffer covers more rows than that (a 1M-token
+    and acc; dq's accumulator) fits `config.row_state_bytes`, so no fp32 buffer covers more rows than that (a 1M-token
     forward would otherwise keep 2x its output's size in fp32 state). With one span the selection and the grouping of
     all rows are made once and serve every pass; with several, each span is grouped (and, when no gradient is needed,
     routed) on its own, and dk/dv group all rows from the kept selection."""
@@ -120,6 +120,7 @@ class _Plan:
     scale: float
     config: TileConfig
     centroids: str
+
 
 def _check(q: torch.Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -214,7 +215,7 @@ def make_plan(q, k, layout: BlockLayout, topk: int, softmax_scale: float, sel: t
     block_start = layout.block_start.to(torch.int32)
     block_len = layout.block_len.to(torch.int32)
     block_doc_first = layout.token_doc_first_block[layout.block_start].to(torch.int32)
-    spans = _spans(layout, Hq, D, config.fwd_state_bytes)
+    spans = _spans(layout, Hq, D, config.row_state_bytes)
     plan = _Plan(layout, block_start, block_len, block_doc_first, n_select, spans, None, None, softmax_scale, config,
                  centroids)
     if sel is not None:

@@ -35,7 +35,7 @@ def test_interpreted_kernels_pass_in_a_fresh_process():
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     # Every case ran and passed; only the launcher itself is skipped in there.
-    assert res.returncode == 0 and f"{len(CASES) + 2 + 2 * len(SPAN_CASES)} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and f"{2 * len(CASES) + 3 + 2 * len(SPAN_CASES)} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
 CASES = {
@@ -77,6 +77,21 @@ def test_triton_with_its_own_gate_matches_naive_fp32(case, monkeypatch):
                          ids=["3docs-ragged-bs16-gqa2-top3", "bs7-gqa3-top3"])
 def test_triton_given_the_same_routing_matches_naive_fp16(case, monkeypatch):
     _run(*case, torch.float16, monkeypatch, shared_routing=True)
+
+
+# Keys and values through TMA descriptors (TileConfig.kv_descriptors): a tile may read past its block's end
+# (bs7, bs48: blocks that are not a multiple of the 16-key tile) and past the pack's end.
+@in_interpreter
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_with_kv_descriptors_matches_naive_fp32(case, monkeypatch):
+    _run(*case, torch.float32, monkeypatch, shared_routing=False, kv_descriptors=True)
+
+
+@in_interpreter
+def test_triton_with_kv_descriptors_in_spans_matches_naive_fp16(monkeypatch):
+    name = "3docs-ragged-bs16-gqa2-top3"
+    _run(*CASES[name], torch.float16, monkeypatch, shared_routing=True, kv_descriptors=True,
+         row_state_bytes=_state_bytes(name, 20))
 
 
 # The forward in spans of whole blocks: a budget of 20 tokens' fp32 row state makes several spans per pack (and

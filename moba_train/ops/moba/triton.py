@@ -20,6 +20,8 @@ from .layout import BlockLayout
 try:
     import triton
 
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from . import triton_kernels as kernels
     from . import triton_routing as routing
 except ImportError as err:  # reported by missing(), never at import
@@ -63,6 +65,9 @@ class TileConfig:
     dkv_warps: int = 8
     dkv_stages: int = 2
     row_state_bytes: int = 2304 * 2**20  # fp32 per-row buffers (forward state, dq accumulator) per span of blocks
+    # The forward's and dq's key/value tiles by TMA copies (Hopper's tensor memory accelerator) through a
+    # [T, Hkv, D] descriptor instead of per-element address arithmetic and masks (experiment; see kernel-notes).
+    kv_descriptors: bool = False
 
 
 # Tiles by head dim (BLOCK_D = the next power of two >= head_dim; 80, 96 and 192 run padded, masked to head_dim).
@@ -256,6 +261,21 @@ def _own_grid(plan: _Plan, G: int, block_m: int):
     return block_m, tok_per_tile, -(-plan.layout.block_size // tok_per_tile)
 
 
+def _kv_sources(k, v, block_n: int, block_d: int, config: TileConfig):
+    """What the forward and dq kernels read keys and values through: the tensors, or TMA descriptors whose
+    box is [block_n keys, 1 head, block_d] (TMA needs 16-byte aligned bases and row strides)."""
+    if not config.kv_descriptors:
+        return k, v, False
+    for x in (k, v):
+        if x.data_ptr() % 16 or (x.shape[1] * x.shape[2] * x.element_size()) % 16:
+            raise ValueError(f"TileConfig.kv_descriptors needs 16-byte aligned keys and values (data_ptr "
+                             f"{x.data_ptr()}, shape {tuple(x.shape)}, {x.dtype}); turn kv_descriptors off")
+    T, Hkv, D = k.shape
+    k_src, v_src = (TensorDescriptor(x, shape=[T, Hkv, D], strides=[Hkv * D, D, 1], block_shape=[block_n, 1, block_d])
+                    for x in (k, v))
+    return k_src, v_src, True
+
+
 def _waves(grouping: _Grouping):
     """(wave index, first tile, tile count) of each non-empty wave, in order."""
     base = 0
@@ -275,6 +295,7 @@ def forward(q, k, v, plan: _Plan):
     if plan.sel is None and plan.n_select:      # routed span by span: the block means once
         means = routing.block_means(k.detach(), plan.block_start, plan.block_len, plan.centroids)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
+    k_src, v_src, kv_desc = _kv_sources(k, v, c.fwd_n, BD, c)
     for span in plan.spans:
         b0, b1, t0, t1 = span
         if len(plan.spans) == 1:
@@ -289,15 +310,15 @@ def forward(q, k, v, plan: _Plan):
             l = torch.empty(rows, dtype=torch.float32, device=q.device)
             for s, base, n in _waves(grouping):
                 kernels.fwd_pairs_kernel[(n,)](
-                    q[t0:t1], k, v, acc, m, l, grouping.pair_rows, grouping.tiles, base, plan.block_start,
+                    q[t0:t1], k_src, v_src, acc, m, l, grouping.pair_rows, grouping.tiles, base, plan.block_start,
                     plan.block_len, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m, BLOCK_N=c.fwd_n, BLOCK_D=BD,
-                    PRECISION=prec, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+                    PRECISION=prec, KV_DESC=kv_desc, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
         else:
             acc = m = l = lse  # never read: no row has a selected block
         kernels.fwd_own_kernel[((b1 - b0) * chunks, Hkv)](
-            q, k, v, out, lse, acc, m, l, sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
+            q, k_src, v_src, out, lse, acc, m, l, sel, plan.block_start, plan.block_len, scale2, Hq, Hkv, G, D,
             plan.n_select, tok_per_tile, chunks, b0, t0 * Hq, BLOCK_M=own_m, BLOCK_N=c.fwd_n, BLOCK_D=BD,
-            PRECISION=prec, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
+            PRECISION=prec, KV_DESC=kv_desc, num_warps=c.fwd_warps, num_stages=c.fwd_stages)
         del acc, m, l, grouping
     return out, lse
 
@@ -314,6 +335,7 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
     # dq span by span, as the forward: the fp32 dq accumulator covers one span's rows.
     dq = torch.empty_like(q)
     own_m, tok_per_tile, chunks = _own_grid(plan, G, c.own_m)
+    k_src, v_src, kv_desc = _kv_sources(k, v, c.dq_n, BD, c)
     for b0, b1, t0, t1 in plan.spans:
         sel = plan.sel[t0:t1]
         grouping = plan.grouping if len(plan.spans) == 1 else _group(sel, Hq, Hkv, plan)
@@ -321,13 +343,14 @@ def backward(q, k, v, out, lse, dout, plan: _Plan):
         dq_acc = torch.empty((t1 - t0) * Hq, D, dtype=torch.float32, device=q.device) if plan.n_select else delta
         for s, base, n in _waves(grouping):
             kernels.bwd_dq_pairs_kernel[(n,)](
-                q[t0:t1], k, v, dout[t0:t1], lse[rows], delta[rows], dq_acc, grouping.pair_rows, grouping.tiles, base,
+                q[t0:t1], k_src, v_src, dout[t0:t1], lse[rows], delta[rows], dq_acc, grouping.pair_rows, grouping.tiles, base,
                 plan.block_start, plan.block_len, plan.scale, scale2, Hkv, D, FIRST=s == 0, BLOCK_M=c.pair_m,
-                BLOCK_N=c.dq_n, BLOCK_D=BD, PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
+                BLOCK_N=c.dq_n, BLOCK_D=BD, PRECISION=prec, KV_DESC=kv_desc, num_warps=c.dq_warps,
+                num_stages=c.dq_stages)
         kernels.bwd_dq_own_kernel[((b1 - b0) * chunks, Hkv)](
-            q, k, v, dout, lse, delta, dq_acc, dq, sel, plan.block_start, plan.block_len, plan.scale, scale2,
+            q, k_src, v_src, dout, lse, delta, dq_acc, dq, sel, plan.block_start, plan.block_len, plan.scale, scale2,
             Hq, Hkv, G, D, plan.n_select, tok_per_tile, chunks, b0, t0 * Hq, BLOCK_M=own_m, BLOCK_N=c.dq_n,
-            BLOCK_D=BD, PRECISION=prec, num_warps=c.dq_warps, num_stages=c.dq_stages)
+            BLOCK_D=BD, PRECISION=prec, KV_DESC=kv_desc, num_warps=c.dq_warps, num_stages=c.dq_stages)
         del dq_acc, grouping
 
     # dk/dv by (KV head, block) over every row that chose the block: the grouping of all rows.

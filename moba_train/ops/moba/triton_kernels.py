@@ -39,16 +39,29 @@ def _load_keys(ptr, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D):
 
 
 @triton.jit
+def _load_kv(src, kstart, n0, offs_n, n_ok, hkv, Hkv, offs_d, D,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KV_DESC: tl.constexpr):
+    """Keys (or values) [n0, n0 + BLOCK_N) of the block at kstart: by plain loads (zeros past n_ok), or with
+    KV_DESC by a TMA copy through the [T, Hkv, D] descriptor `src` (zeros past T and past D only: keys past the
+    block's end are the next block's, and the callers' masks give them no weight)."""
+    if KV_DESC:
+        return tl.reshape(src.load([(kstart + n0).to(tl.int32), hkv, 0]), [BLOCK_N, BLOCK_D])
+    else:
+        return _load_keys(src, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D)
+
+
+@triton.jit
 def _attend(qt, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_pos, m_i, l_i, acc,
-            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+            KV_DESC: tl.constexpr):
     """Online softmax of the tile's rows over keys [0, n_hi) of the block starting at kstart.
     CAUSAL: a row at block-local position q_pos sees keys at positions <= q_pos."""
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(0, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
-        kt = _load_keys(k_ptr, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D)
-        vt = _load_keys(v_ptr, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D)
+        kt = _load_kv(k_ptr, kstart, n0, offs_n, n_ok, hkv, Hkv, offs_d, D, BLOCK_N, BLOCK_D, KV_DESC)
+        vt = _load_kv(v_ptr, kstart, n0, offs_n, n_ok, hkv, Hkv, offs_d, D, BLOCK_N, BLOCK_D, KV_DESC)
         s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale2
         allowed = n_ok[None, :]
         if CAUSAL:
@@ -93,7 +106,7 @@ def _own_tile(blk, chunk, hkv, block_start_ptr, block_len_ptr, tok_per_tile, G, 
 def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, tiles_ptr, tile_base,
                      block_start_ptr, block_len_ptr, scale2, Hkv, D,
                      FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
     blk, hkv, rows, row_ok = _pair_tile(tiles_ptr, pair_rows_ptr, tile_base + tl.program_id(0), BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qt = _load_rows(q_ptr, rows, row_ok, offs_d, D)
@@ -103,7 +116,7 @@ def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend(qt, k_ptr, v_ptr, kstart, klen, hkv, Hkv, D, scale2, offs_d, m_i, l_i, acc,
-                            CAUSAL=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+                            CAUSAL=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION, KV_DESC=KV_DESC)
     if not FIRST:  # merge with the row's state from earlier waves
         m_old = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
         l_old = tl.load(l_ptr + rows, mask=row_ok, other=0.0)
@@ -123,7 +136,8 @@ def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, 
 def fwd_own_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr, sel_ptr,
                    block_start_ptr, block_len_ptr, scale2, Hq, Hkv, G, D, n_select, tok_per_tile, chunks_per_block,
                    blk_base, row_base,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                   KV_DESC: tl.constexpr = False):
     """The blocks blk_base.. of one span; its state (acc, m, l) and selection hold rows from row_base on."""
     blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
@@ -137,7 +151,7 @@ def fwd_own_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         m_i, l_i, acc = _attend(qt, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_pos, m_i, l_i, acc,
-                                CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+                                CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION, KV_DESC=KV_DESC)
         if n_select > 0:
             # Rows that selected any block (their slot 0 is filled) carry a state from the waves.
             span_rows = rows - row_base
@@ -170,14 +184,15 @@ def bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, n_rows, D, BLOCK_M: tl.conste
 
 @triton.jit
 def _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_pos, dq,
-        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        KV_DESC: tl.constexpr):
     """dq (unscaled) of the tile's rows from keys [0, n_hi) of one block."""
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(0, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_hi
-        kt = _load_keys(k_ptr, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D)
-        vt = _load_keys(v_ptr, kstart, offs_n, n_ok, hkv, Hkv, offs_d, D)
+        kt = _load_kv(k_ptr, kstart, n0, offs_n, n_ok, hkv, Hkv, offs_d, D, BLOCK_N, BLOCK_D, KV_DESC)
+        vt = _load_kv(v_ptr, kstart, n0, offs_n, n_ok, hkv, Hkv, offs_d, D, BLOCK_N, BLOCK_D, KV_DESC)
         s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale2
         allowed = n_ok[None, :]
         if CAUSAL:
@@ -193,7 +208,7 @@ def _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_
 def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pair_rows_ptr, tiles_ptr,
                         tile_base, block_start_ptr, block_len_ptr, scale, scale2, Hkv, D,
                         FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
     blk, hkv, rows, row_ok = _pair_tile(tiles_ptr, pair_rows_ptr, tile_base + tl.program_id(0), BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qt = _load_rows(q_ptr, rows, row_ok, offs_d, D)
@@ -204,7 +219,7 @@ def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ac
     klen = tl.load(block_len_ptr + blk)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, klen, hkv, Hkv, D, scale2, offs_d, dq,
-             CAUSAL=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION) * scale
+             CAUSAL=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION, KV_DESC=KV_DESC) * scale
     if not FIRST:
         dq += _load_rows(dq_acc_ptr, rows, row_ok, offs_d, D)
     tl.store(dq_acc_ptr + rows[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -214,7 +229,7 @@ def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ac
 def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, dq_ptr, sel_ptr,
                       block_start_ptr, block_len_ptr, scale, scale2, Hq, Hkv, G, D, n_select, tok_per_tile,
                       chunks_per_block, blk_base, row_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
     """The blocks blk_base.. of one span; its dq accumulator and selection hold rows from row_base on."""
     blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
@@ -229,7 +244,7 @@ def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         dq = _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_pos, dq,
-                 CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION) * scale
+                 CAUSAL=True, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION, KV_DESC=KV_DESC) * scale
         if n_select > 0:
             span_rows = rows - row_base
             has_sel = row_ok & (tl.load(sel_ptr + span_rows * n_select, mask=row_ok, other=-1) >= 0)

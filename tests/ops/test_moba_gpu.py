@@ -284,15 +284,16 @@ def test_auto_never_picks_a_backend_that_cannot_run_the_head_dim():
         BACKENDS.resolve("triton", torch.device("cuda"), torch.bfloat16, head_dim=512)
 
 
-# Keys and values by TMA copies (TileConfig.kv_descriptors): the loads read past a block's end into the next
-# block's keys (only the tensor's end and the head dim are zero-filled), so blocks of 16, 80 and 4096 keys,
-# ragged documents and every head size check that those keys get no weight.
+# Keys and values by TMA copies in dq too (TileConfig.dq_kv_descriptors; the forward's are on by default): the
+# loads read past a block's end into the next block's keys (only the tensor's end and the head dim are
+# zero-filled), so blocks of 16, 80 and 4096 keys, ragged documents and every head size check that those keys
+# get no weight.
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_with_kv_descriptors_matches_naive(case, dtype, monkeypatch):
     pack, heads, topk = case
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
-                                                                      kv_descriptors=True))
+                                                                      fwd_kv_descriptors=True, dq_kv_descriptors=True))
     (q, k, v), dout = _inputs(pack, heads, dtype)
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
     got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
@@ -302,7 +303,7 @@ def test_triton_with_kv_descriptors_matches_naive(case, dtype, monkeypatch):
 @pytest.mark.parametrize("head_dim,heads", HEAD_DIMS.values(), ids=HEAD_DIMS.keys())
 def test_triton_with_kv_descriptors_runs_every_common_head_dim(head_dim, heads, monkeypatch):
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(head_dim),
-                                                                      kv_descriptors=True))
+                                                                      fwd_kv_descriptors=True, dq_kv_descriptors=True))
     pack, topk = Pack((700, 1300, 45), 128), 3
     g = torch.Generator(device="cuda").manual_seed(3)
     T, (hq, hkv) = pack.tokens, heads

@@ -79,19 +79,23 @@ def test_triton_given_the_same_routing_matches_naive_fp16(case, monkeypatch):
     _run(*case, torch.float16, monkeypatch, shared_routing=True)
 
 
-# Keys and values through TMA descriptors (TileConfig.kv_descriptors): a tile may read past its block's end
-# (bs7, bs48: blocks that are not a multiple of the 16-key tile) and past the pack's end.
+# Keys and values: by TMA descriptors in the forward and plain loads in dq by default (every case above), the other
+# way round here, so each kernel runs both ways. A descriptor tile may read past its block's end (bs7, bs48: blocks
+# that are not a multiple of the 16-key tile) and past the pack's end.
+OTHER_KV_LOADS = dict(fwd_kv_descriptors=False, dq_kv_descriptors=True)
+
+
 @in_interpreter
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_triton_with_kv_descriptors_matches_naive_fp32(case, monkeypatch):
-    _run(*case, torch.float32, monkeypatch, shared_routing=False, kv_descriptors=True)
+def test_triton_with_the_other_kv_loads_matches_naive_fp32(case, monkeypatch):
+    _run(*case, torch.float32, monkeypatch, shared_routing=False, **OTHER_KV_LOADS)
 
 
 @in_interpreter
-def test_triton_with_kv_descriptors_in_spans_matches_naive_fp16(monkeypatch):
+def test_triton_with_the_other_kv_loads_in_spans_matches_naive_fp16(monkeypatch):
     name = "3docs-ragged-bs16-gqa2-top3"
-    _run(*CASES[name], torch.float16, monkeypatch, shared_routing=True, kv_descriptors=True,
-         row_state_bytes=_state_bytes(name, 20))
+    _run(*CASES[name], torch.float16, monkeypatch, shared_routing=True, row_state_bytes=_state_bytes(name, 20),
+         **OTHER_KV_LOADS)
 
 
 # The forward in spans of whole blocks: a budget of 20 tokens' fp32 row state makes several spans per pack (and

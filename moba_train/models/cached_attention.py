@@ -39,10 +39,11 @@ GATHER_ELEMENTS = 1 << 24
 _told: set[str] = set()       # one-time notes already logged
 
 
-# SDPA's kernels for one decoding step on CUDA: not cuDNN's. cuDNN builds an execution plan per shape, and a decoding
-# step's key length is new at every step, so every step would pay a plan build on the host (tens of ms; the eager
-# dense step measured ~30 ms a token over the kernel time, docs/benchmarks.md). FlashAttention's kernel (GQA inside)
-# needs no plan.
+# SDPA's kernels for one unmasked decoding step on CUDA. With SDPA's own choice, a call whose key length differs from
+# the last one's costs 45-56 ms on the host (H100, torch 2.11, 32/8 heads of 128: 0.08-0.23 ms at a repeated
+# length), and a decoding step's key length is new at every step. With this list, or with cuDNN alone, the same
+# growing cache takes 0.13-0.28 ms a call (docs/benchmarks.md, "The dense step's fixed cost"). FlashAttention's
+# kernel takes GQA inside.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -5,7 +5,8 @@ sorted by (KV head, block, slot) into one int32 list, so every key block finds t
 it in a contiguous range (dense tiles for the tensor cores, no per-element masks); then the
 kernels of triton_kernels.py run forward, and backward by recomputation. Extra memory beyond
 FlashAttention-2's: the selection [T, Hq, topk-1], the pair list and its tile table (int32), and
-the fp32 forward state [T, Hq, D + 2] that lives only during the forward call.
+the fp32 row state [rows, D + 2] of one span of blocks at a time (TileConfig.row_state_bytes; the
+forward and dq run span by span). The forward reads key/value tiles by TMA copies (Hopper).
 """
 
 from __future__ import annotations

@@ -100,6 +100,10 @@ def _backend_fn(name, pack, topk, selected=None):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_matches_naive_given_the_same_routing(case, dtype):
+    _check_triton_against_naive(case, dtype)
+
+
+def _check_triton_against_naive(case, dtype):
     pack, heads, topk = case
     (q, k, v), dout = _inputs(pack, heads, dtype)
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
@@ -263,6 +267,11 @@ HEAD_DIMS = {"d64-gqa1": (64, (4, 4)), "d80-gqa2": (80, (4, 2)), "d96-gqa3": (96
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("head_dim,heads", HEAD_DIMS.values(), ids=HEAD_DIMS.keys())
 def test_triton_runs_every_common_head_dim(head_dim, heads, dtype):
+    _check_head_dim_against_naive(head_dim, heads, dtype)
+    assert triton_backend.tiles_for(head_dim) == triton_backend.TILES_BY_BLOCK_D[128 if head_dim <= 128 else 256]
+
+
+def _check_head_dim_against_naive(head_dim, heads, dtype):
     pack, topk = Pack((700, 1300, 45), 128), 3
     g = torch.Generator(device="cuda").manual_seed(3)
     T, (hq, hkv) = pack.tokens, heads
@@ -272,7 +281,6 @@ def test_triton_runs_every_common_head_dim(head_dim, heads, dtype):
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
     got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
     _assert_matches(got, want, dtype)
-    assert triton_backend.tiles_for(head_dim) == triton_backend.TILES_BY_BLOCK_D[128 if head_dim <= 128 else 256]
 
 
 def test_auto_never_picks_a_backend_that_cannot_run_the_head_dim():
@@ -291,25 +299,13 @@ def test_auto_never_picks_a_backend_that_cannot_run_the_head_dim():
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_with_kv_descriptors_matches_naive(case, dtype, monkeypatch):
-    pack, heads, topk = case
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(HEAD_DIM),
                                                                       fwd_kv_descriptors=True, dq_kv_descriptors=True))
-    (q, k, v), dout = _inputs(pack, heads, dtype)
-    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
-    got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
-    _assert_matches(got, want, dtype)
+    _check_triton_against_naive(case, dtype)
 
 
 @pytest.mark.parametrize("head_dim,heads", HEAD_DIMS.values(), ids=HEAD_DIMS.keys())
 def test_triton_with_kv_descriptors_runs_every_common_head_dim(head_dim, heads, monkeypatch):
     monkeypatch.setattr(triton_backend, "CONFIG", dataclasses.replace(triton_backend.tiles_for(head_dim),
                                                                       fwd_kv_descriptors=True, dq_kv_descriptors=True))
-    pack, topk = Pack((700, 1300, 45), 128), 3
-    g = torch.Generator(device="cuda").manual_seed(3)
-    T, (hq, hkv) = pack.tokens, heads
-    q, k, v = (torch.randn(T, h, head_dim, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-               for h in (hq, hkv, hkv))
-    dout = torch.randn(T, hq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
-    want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
-    got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
-    _assert_matches(got, want, torch.bfloat16)
+    _check_head_dim_against_naive(head_dim, heads, torch.bfloat16)

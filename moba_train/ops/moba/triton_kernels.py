@@ -106,7 +106,7 @@ def _own_tile(blk, chunk, hkv, block_start_ptr, block_len_ptr, tok_per_tile, G, 
 def fwd_pairs_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, pair_rows_ptr, tiles_ptr, tile_base,
                      block_start_ptr, block_len_ptr, scale2, Hkv, D,
                      FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
+                     PRECISION: tl.constexpr, KV_DESC: tl.constexpr):
     blk, hkv, rows, row_ok = _pair_tile(tiles_ptr, pair_rows_ptr, tile_base + tl.program_id(0), BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qt = _load_rows(q_ptr, rows, row_ok, offs_d, D)
@@ -137,7 +137,7 @@ def fwd_own_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, acc_ptr, m_ptr, l_ptr,
                    block_start_ptr, block_len_ptr, scale2, Hq, Hkv, G, D, n_select, tok_per_tile, chunks_per_block,
                    blk_base, row_base,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                   KV_DESC: tl.constexpr = False):
+                   KV_DESC: tl.constexpr):
     """The blocks blk_base.. of one span; its state (acc, m, l) and selection hold rows from row_base on."""
     blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block
@@ -208,7 +208,7 @@ def _dq(qt, dot, lse, delta, k_ptr, v_ptr, kstart, n_hi, hkv, Hkv, D, scale2, q_
 def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pair_rows_ptr, tiles_ptr,
                         tile_base, block_start_ptr, block_len_ptr, scale, scale2, Hkv, D,
                         FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
+                        PRECISION: tl.constexpr, KV_DESC: tl.constexpr):
     blk, hkv, rows, row_ok = _pair_tile(tiles_ptr, pair_rows_ptr, tile_base + tl.program_id(0), BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qt = _load_rows(q_ptr, rows, row_ok, offs_d, D)
@@ -229,7 +229,7 @@ def bwd_dq_pairs_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ac
 def bwd_dq_own_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, dq_ptr, sel_ptr,
                       block_start_ptr, block_len_ptr, scale, scale2, Hq, Hkv, G, D, n_select, tok_per_tile,
                       chunks_per_block, blk_base, row_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr = False):
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, KV_DESC: tl.constexpr):
     """The blocks blk_base.. of one span; its dq accumulator and selection hold rows from row_base on."""
     blk = blk_base + tl.program_id(0) // chunks_per_block
     chunk = tl.program_id(0) % chunks_per_block

@@ -79,9 +79,10 @@ def test_triton_given_the_same_routing_matches_naive_fp16(case, monkeypatch):
     _run(*case, torch.float16, monkeypatch, shared_routing=True)
 
 
-# Keys and values: by TMA descriptors in the forward and plain loads in dq by default (every case above), the other
-# way round here, so each kernel runs both ways. A descriptor tile may read past its block's end (bs7, bs48: blocks
-# that are not a multiple of the 16-key tile) and past the pack's end.
+# Keys and values: by TMA descriptors in the forward and plain loads in dq by default, the other way round here,
+# so each kernel runs both ways. Descriptors take 2-byte elements only (fp32 reads plain: `_kv_sources`), so the
+# fp32 cases run plain loads both ways and the fp16 ones the descriptors. A descriptor tile may read past its
+# block's end (bs7, bs48: blocks that are not a multiple of the 16-key tile) and past the pack's end.
 OTHER_KV_LOADS = dict(fwd_kv_descriptors=False, dq_kv_descriptors=True)
 
 
@@ -89,6 +90,12 @@ OTHER_KV_LOADS = dict(fwd_kv_descriptors=False, dq_kv_descriptors=True)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_with_the_other_kv_loads_matches_naive_fp32(case, monkeypatch):
     _run(*case, torch.float32, monkeypatch, shared_routing=False, **OTHER_KV_LOADS)
+
+
+@in_interpreter
+@pytest.mark.parametrize("name", ["bs7-gqa3-top3", "bs48-mha-top-all"])
+def test_triton_with_the_other_kv_loads_matches_naive_fp16(name, monkeypatch):
+    _run(*CASES[name], torch.float16, monkeypatch, shared_routing=True, **OTHER_KV_LOADS)
 
 
 @in_interpreter

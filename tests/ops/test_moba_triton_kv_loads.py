@@ -32,6 +32,15 @@ def test_off_or_rows_tma_cannot_take_read_the_tensors():
     assert _kv_sources(k, v, 32, 64, use=True) == (k, v, False)
 
 
+def test_fp32_keys_and_values_are_read_without_descriptors():
+    """fp32 TMA staging asked for more shared memory than an H100 has (test_moba_gpu's fp32 head-dim cases)."""
+    from moba_train.ops.moba.triton import _kv_sources
+    k, v = _kv(64, 2, 128, torch.float32)
+    assert _kv_sources(k, v, 64, 128, use=True) == (k, v, False)
+    k, v = _kv(64, 2, 128, torch.float16)
+    assert _kv_sources(k, v, 64, 128, use=True)[2]
+
+
 def test_a_view_at_an_odd_offset_is_copied_for_tma():
     from moba_train.ops.moba.triton import _kv_sources
     k, v = _kv(64, 2, 64, torch.bfloat16, offset=3)   # 6 bytes past an aligned allocation

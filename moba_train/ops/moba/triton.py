@@ -266,9 +266,11 @@ def _own_grid(plan: _Plan, G: int, block_m: int):
 
 def _kv_sources(k, v, block_n: int, block_d: int, use: bool):
     """What a kernel reads keys and values through: TMA descriptors whose box is [block_n keys, 1 head, block_d]
-    (`use`, and rows of Hkv x D a multiple of 16 bytes, which TMA requires), else the tensors themselves."""
+    (`use`, 2-byte elements, and rows of Hkv x D a multiple of 16 bytes, which TMA requires), else the tensors
+    themselves. fp32 keeps plain loads: its TMA staging buffers are twice as large, and at BLOCK_D 128 the forward
+    asked for 262,688 bytes of shared memory, past the H100's 232,448 (2026-12-07)."""
     T, Hkv, D = k.shape
-    if not use or (Hkv * D * k.element_size()) % 16:
+    if not use or k.element_size() > 2 or (Hkv * D * k.element_size()) % 16:
         return k, v, False
     # TMA also wants a 16-byte aligned base: a contiguous view at an odd offset is copied (once per call).
     k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (k, v))

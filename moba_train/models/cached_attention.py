@@ -39,17 +39,21 @@ GATHER_ELEMENTS = 1 << 24
 _told: set[str] = set()       # one-time notes already logged
 
 
-# SDPA's kernels for one unmasked decoding step on CUDA. With SDPA's own choice, a call whose key length differs from
-# the last one's costs 45-56 ms on the host (H100, torch 2.11, 32/8 heads of 128: 0.08-0.23 ms at a repeated
-# length), and a decoding step's key length is new at every step. With this list, or with cuDNN alone, the same
-# growing cache takes 0.13-0.28 ms a call (docs/benchmarks.md, "The dense step's fixed cost"). FlashAttention's
-# kernel takes GQA inside.
+# SDPA's kernels for a decoding step on CUDA. With SDPA's own choice, a call whose key length differs from the last
+# one's costs 45-65 ms on the host (H100, torch 2.11, 32/8 heads of 128, masked or not: 0.08-1.5 ms at a repeated
+# length), and a decoding step's key length is new at every step (docs/benchmarks.md, "The dense step's fixed cost").
+# Unmasked: FlashAttention's kernel (it takes GQA inside): 0.13-0.28 ms a call over a growing cache.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Masked (a left-padded batch): FlashAttention takes no mask, and the efficient kernel, next in the list above, took
+# 4-62 ms a call; cuDNN's took 0.23-1.6 ms, as fast as its repeated-length call under SDPA's own choice.
+MASKED_DECODE_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def decode_sdpa_backends(device: torch.device):
-    """The context a decoding step's SDPA call runs in: DECODE_SDPA_BACKENDS on CUDA, SDPA's own choice elsewhere."""
-    return sdpa_kernel(DECODE_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+def decode_sdpa_backends(device: torch.device, masked: bool = False):
+    """The context a decoding step's SDPA call runs in: the lists above on CUDA, SDPA's own choice elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(MASKED_DECODE_SDPA_BACKENDS if masked else DECODE_SDPA_BACKENDS)
 
 
 def _attend_dense(query, key, value, key_valid, layer, softmax_scale, block_means=None) -> torch.Tensor:
@@ -65,7 +69,9 @@ def _attend_dense(query, key, value, key_valid, layer, softmax_scale, block_mean
     query_slot = torch.arange(K - S, K, device=key.device)
     causal = torch.arange(K, device=key.device)[None, :] <= query_slot[:, None]          # [S, K]
     allowed = causal[None, None] & key_valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=softmax_scale, enable_gqa=True)
+    with decode_sdpa_backends(key.device, masked=True):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=softmax_scale,
+                                             enable_gqa=True)
     # Padding queries see no key at all; make their (unused) output 0 on every device.
     out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return out.transpose(1, 2)

@@ -131,14 +131,37 @@ def test_decode_full_is_dense_causal_attention(padded):
     assert not torch.allclose(got[0, 0], sparse[T - 1], atol=1e-3)   # and that is not what MoBA gives
 
 
-def test_a_decoding_step_on_cuda_keeps_sdpa_off_cudnn():
-    """cuDNN plans per shape, and a decoding step's key length is new every step: the dense step runs FlashAttention's
-    kernel (or the other plan-free ones) on CUDA, and SDPA's own choice on the CPU."""
+def test_a_decoding_step_on_cuda_names_sdpa_kernels_and_the_cpu_keeps_sdpa_choosing():
+    """SDPA's own choice pays tens of milliseconds whenever the key length is new, as it is at every decoding step
+    (docs/benchmarks.md): on CUDA an unmasked step runs FlashAttention's kernel, a masked (padded) one cuDNN's,
+    which takes a mask; the CPU keeps SDPA's own choice."""
     with cached_attention.decode_sdpa_backends(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
-    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
-    with cached_attention.decode_sdpa_backends(torch.device("cpu")):
-        assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before
+    with cached_attention.decode_sdpa_backends(torch.device("cuda"), masked=True):
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    for masked in (False, True):
+        with cached_attention.decode_sdpa_backends(torch.device("cpu"), masked=masked):
+            assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+
+
+def test_the_dense_step_asks_for_the_masked_list_exactly_when_it_passes_a_mask(monkeypatch):
+    asked = []
+    real = cached_attention.decode_sdpa_backends
+
+    def recording(device, masked=False):
+        asked.append(masked)
+        return real(device, masked)
+
+    monkeypatch.setattr(cached_attention, "decode_sdpa_backends", recording)
+    layer = LayerAttention("full", 16, 2, "auto")
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    valid = torch.arange(20)[None] >= torch.tensor([0, 5])[:, None]
+    unmasked = attend_cached(q, k, v, None, layer, None)
+    masked = attend_cached(q, k, v, valid, layer, None)
+    assert asked == [False, True]
+    torch.testing.assert_close(masked[0], unmasked[0])           # row 0 has no padding: the same keys
 
 
 def greedy_by_recomputing(model, prompt, new_tokens):

@@ -44,6 +44,7 @@ import time
 from datetime import date
 
 import torch
+from transformers import DynamicCache
 
 from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach_plan, build_from_config
 from moba_train.models.cached_attention import attend_cached
@@ -210,18 +211,17 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
     dev = args.device
     attach_plan(model, plan_for(model, "moba", args))
     room = L + args.warmup + args.steps + 2           # + 2: a graph mode's eager and captured steps
-    given = ({cache_kw: MobaKVCache.for_model(model, room)} if cache_class == "moba" else {})
     rows = []
     with torch.no_grad():
         out = {}
-        prefill = timed(lambda: out.update(o=model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1,
-                                                   **given)), dev)
-        cache = output_cache(out["o"])
+        prefill = timed(lambda: out.update(o=prefill_cache(model, ids[:, :L], cache_class, room, cache_kw,
+                                                           args.prefill_rows)), dev)
+        last_logits, cache = out.pop("o")
         for mode in [m for m in args.modes if m in MODEL_MODES]:
             attach_plan(model, plan_for(model, mode, args))
             if mode in GRAPH_MODES:
                 if cache_class == "moba" and dev == "cuda":
-                    rows.append(_bench_model_graph(model, cache, out["o"], L, mode, prefill, args))
+                    rows.append(_bench_model_graph(model, cache, last_logits, L, mode, prefill, args))
                 continue
 
             def step(t):
@@ -236,15 +236,36 @@ def _bench_model_cache(model, ids, L: int, cache_class: str, cache_kw: str, args
             rows.append({"level": f"model/{cache_class}", "model": args.model, "cache": cache_class, "context": L,
                          "decode": mode, "ms_per_step": ms, "tokens_per_s": args.batch * 1e3 / ms, "prefill_s": prefill,
                          "peak_gib": peak_gib(dev)})
-    del cache, out
+    del cache, last_logits
     return rows
 
 
-def _bench_model_graph(model, cache, prefill_out, L: int, mode: str, prefill_s: float, args) -> dict:
+def new_cache(model, cache_class: str, room: int):
+    return MobaKVCache.for_model(model, room) if cache_class == "moba" else DynamicCache(config=model.config)
+
+
+def prefill_cache(model, ids, cache_class: str, room: int, cache_kw: str, by_rows: bool):
+    """(the last position's logits [B, vocab], a KV cache of `cache_class` holding the prompts `ids` [B, L]).
+    `by_rows`: each row is prefilled alone and the rows' caches are stacked, for batches whose joint prefill does not
+    fit (its activations grow with B x L; the stacked cache costs two caches' memory for a moment)."""
+    def run(rows):
+        out = model(input_ids=rows, use_cache=True, logits_to_keep=1, **{cache_kw: new_cache(model, cache_class, room)})
+        return out.logits[:, -1], output_cache(out)
+
+    if not by_rows:
+        return run(ids)
+    logits, caches = zip(*[run(ids[b:b + 1]) for b in range(ids.shape[0])])
+    stacked = new_cache(model, cache_class, room)
+    for i in range(len(caches[0].layers)):
+        stacked.update(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]), i)
+    return torch.cat(logits), stacked
+
+
+def _bench_model_graph(model, cache, last_logits, L: int, mode: str, prefill_s: float, args) -> dict:
     """Whole model steps replayed from one CUDA graph (`graph_decode.GreedySteps`: the cache's lengths and block
     means on the device), continuing the prefill in `cache`; synchronised after every replay."""
     last = torch.full((args.batch, 1), L - 1, device=args.device)
-    decoding = GreedySteps(model, cache, prefill_out.logits[:, -1], last, args.warmup + args.steps + 2)
+    decoding = GreedySteps(model, cache, last_logits, last, args.warmup + args.steps + 2)
     decoding.capture()
     for _ in range(args.warmup):
         decoding.replay()
@@ -272,6 +293,9 @@ def main():
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="rows decoding together (both levels)")
+    p.add_argument("--prefill-rows", action="store_true",
+                   help="model level: prefill each row alone and stack the caches (a batch whose joint prefill "
+                        "does not fit, e.g. llama3-8b-8l at 4 x 128K on 80 GB)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed decoding steps (the median is reported)")
     p.add_argument("--growing", action="store_true",

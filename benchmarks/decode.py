@@ -22,7 +22,7 @@ Two levels per context length L:
              i.e. copies the whole cache every step whatever the decode mode) and `moba` (moba-train's
              MobaKVCache: allocated once, appended in place). "vs full" compares within one cache class.
              `full-graph` and `moba-graph` (CUDA, MobaKVCache): whole greedy steps replayed from one CUDA
-             graph (`models.graph_decode.GreedySteps`), dense or with the kernel, synchronised after every
+             graph (`models.graph_decode.DecodingSteps`), dense or with the kernel, synchronised after every
              replay; their "vs full" compares moba-graph with full-graph.
 
 CPU (small, fp32):
@@ -50,7 +50,7 @@ from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.device_decode import DeviceDecodeLayer
-from moba_train.models.graph_decode import GreedySteps
+from moba_train.models.graph_decode import DecodingSteps
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,10 +262,10 @@ def prefill_cache(model, ids, cache_class: str, room: int, cache_kw: str, by_row
 
 
 def _bench_model_graph(model, cache, last_logits, L: int, mode: str, prefill_s: float, args) -> dict:
-    """Whole model steps replayed from one CUDA graph (`graph_decode.GreedySteps`: the cache's lengths and block
+    """Whole model steps replayed from one CUDA graph (`graph_decode.DecodingSteps`: the cache's lengths and block
     means on the device), continuing the prefill in `cache`; synchronised after every replay."""
     last = torch.full((args.batch, 1), L - 1, device=args.device)
-    decoding = GreedySteps(model, cache, last_logits, last, args.warmup + args.steps + 2)
+    decoding = DecodingSteps(model, cache, last_logits, last, args.warmup + args.steps + 2)
     decoding.capture()
     for _ in range(args.warmup):
         decoding.replay()

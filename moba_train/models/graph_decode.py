@@ -1,4 +1,4 @@
-"""Greedy decoding with one CUDA graph replay per token, for models running moba-train's attention.
+"""Decoding with one CUDA graph replay per token, greedy or sampled, for models running moba-train's attention.
 
 `generate()` runs every step eagerly: for a small model at batch 1 the host (transformers' Python, the
 launches of some 20 kernels per layer) is the step, not the GPU (docs/benchmarks.md, Decoding: the SmolLM2
@@ -8,9 +8,11 @@ device, `models.device_decode`), so one model step, the token's choice and the c
 the same work at every length: captured once as a CUDA graph and replayed once per new token.
 
     ids = greedy_decode(model, input_ids, max_new_tokens=256)            # [B, prompt + 256]
+    ids = sample_decode(model, input_ids, 256, Sampling(temperature=0.7, top_p=0.9))
 
-Greedy only, a fixed number of new tokens (a replay cannot stop at EOS: cut the result there), a fixed batch;
-left padding through `attention_mask`. Sparse MoBA layers run the fused kernel (`decode_backend` auto or
+Sampling draws as generate(do_sample=True) does (`models.sampling`), from torch's default generator of the device
+(seed it with torch.manual_seed). A fixed number of new tokens (a replay cannot stop at EOS: cut the result
+there), a fixed batch; left padding through `attention_mask`. Sparse MoBA layers run the fused kernel (`decode_backend` auto or
 triton); layers that decode densely attend over the whole buffer, masked to the filled slots. On a CPU (or
 with `cuda_graph=False`) the same steps run eagerly: what the tests compare with `generate()`.
 """
@@ -26,6 +28,7 @@ from .context import attention_context
 from .device_decode import DeviceDecodeLayer, DeviceKVLayer
 from .hf_compat import model_cache_keyword, output_cache
 from .kv_cache import MobaKVCache, MobaKVLayer
+from .sampling import Sampling, draw, filtered_scores
 
 
 def device_kv_cache(model: torch.nn.Module, cache: MobaKVCache, attention_mask: torch.Tensor | None = None) -> Cache:
@@ -53,29 +56,38 @@ def device_kv_cache(model: torch.nn.Module, cache: MobaKVCache, attention_mask: 
     return Cache(layers=layers)
 
 
-class GreedySteps:
-    """Greedy decoding steps after a prefill into a `MobaKVCache`, every changing quantity on the device: the
-    token just chosen, its position, the tokens so far and the cache (`device_kv_cache`). `step` runs one;
-    `capture` records one as a CUDA graph, which `replay` runs as often as the cache has room."""
+class DecodingSteps:
+    """Decoding steps after a prefill into a `MobaKVCache`, every changing quantity on the device: the token just
+    chosen, its position, the tokens so far and the cache (`device_kv_cache`). `step` runs one; `capture` records
+    one as a CUDA graph, which `replay` runs as often as the cache has room. Tokens are chosen greedily, or drawn
+    as `sampling` says."""
 
     def __init__(self, model: torch.nn.Module, cache: MobaKVCache, last_logits: torch.Tensor,
-                 last_positions: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None):
+                 last_positions: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 sampling: Sampling | None = None):
         """last_logits [B, V] and last_positions [B, 1] of the prompt's last token; the first new token is chosen
         from them. The cache needs room for max_new_tokens - 1 more tokens."""
         self.model, self.keyword = model, model_cache_keyword(model)
         self.cache = device_kv_cache(model, cache, attention_mask)
+        self.sampling = sampling
         B = last_logits.shape[0]
-        self.token = last_logits.argmax(-1, keepdim=True)                              # [B, 1]
+        self.token = self.choose(last_logits)                                           # [B, 1]
         self.position = last_positions + 1
         self.tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=last_logits.device)
         self.tokens[:, :1] = self.token
         self.written = torch.ones(1, dtype=torch.long, device=last_logits.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row [B, 1] from logits [B, V]."""
+        if self.sampling is None:
+            return logits.argmax(-1, keepdim=True)
+        return draw(filtered_scores(logits, self.sampling))
+
     def step(self) -> None:
         logits = self.model(input_ids=self.token, position_ids=self.position, use_cache=True,
                             **{self.keyword: self.cache}).logits
-        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.token.copy_(self.choose(logits[:, -1]))
         self.tokens.index_copy_(1, self.written, self.token)
         self.written.add_(1)
         self.position.add_(1)
@@ -96,12 +108,26 @@ class GreedySteps:
         self.graph.replay()
 
 
-@torch.no_grad()
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
     """input_ids [B, P] (left-padded where attention_mask [B, P] says so) -> [B, P + max_new_tokens], greedy.
 
     `cuda_graph` (default: on a CUDA device): the second step is captured and replayed for the rest."""
+    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling=None)
+
+
+def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """As greedy_decode, each new token drawn as `sampling` says (generate(do_sample=True)'s temperature, top_k,
+    top_p), from the default generator of the model's device: with the same seed and `cuda_graph=False` it draws
+    the tokens generate() draws."""
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a moba_train.models.Sampling, got {type(sampling).__name__}")
+    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling)
+
+
+@torch.no_grad()
+def _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling) -> torch.Tensor:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = input_ids.device
@@ -115,8 +141,8 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
         positions = torch.arange(P, device=device).expand(B, P)
     prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{model_cache_keyword(model): MobaKVCache.for_model(model, P + max_new_tokens)})
-    decoding = GreedySteps(model, output_cache(prefill), prefill.logits[:, -1], positions[:, -1:], max_new_tokens,
-                           attention_mask)
+    decoding = DecodingSteps(model, output_cache(prefill), prefill.logits[:, -1], positions[:, -1:], max_new_tokens,
+                             attention_mask, sampling)
     steps = max_new_tokens - 1
     if cuda_graph and steps >= 2:
         decoding.capture()                                # runs the first step, records the second
@@ -128,4 +154,4 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_token
     return torch.cat([input_ids, decoding.tokens], dim=1)
 
 
-__all__ = ["GreedySteps", "device_kv_cache", "greedy_decode"]
+__all__ = ["DecodingSteps", "device_kv_cache", "greedy_decode", "sample_decode"]

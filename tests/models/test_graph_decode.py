@@ -1,14 +1,15 @@
-"""greedy_decode (models/graph_decode.py): the device-length decoding loop that a CUDA graph replays. Here, on
-the CPU, its dense layers (no kernel needed) against generate(), and its refusals; the sparse layers' fused
-kernel under Triton's interpreter (tests/ops/test_moba_decode_triton_interpreter.py) and on the GPU."""
+"""greedy_decode and sample_decode (models/graph_decode.py): the device-length decoding loop that a CUDA graph
+replays. Here, on the CPU, its dense layers (no kernel needed) against generate(), greedy and sampled, and its
+refusals; the sparse layers' fused kernel under Triton's interpreter (tests/ops/test_moba_decode_triton_interpreter.py)
+and on the GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moba_train.models import AttentionPlan, MobaKVCache, attach_plan, greedy_decode
-from moba_train.models.graph_decode import GreedySteps
+from moba_train.models import AttentionPlan, MobaKVCache, Sampling, attach_plan, greedy_decode, sample_decode
+from moba_train.models.graph_decode import DecodingSteps
 from moba_train.models.hf_compat import model_cache_keyword, output_cache
 from tests.models.test_decode import MOBA
 from tests.models.tiny import FAMILIES, stock_model, with_plan
@@ -68,7 +69,7 @@ def test_a_plan_changed_after_the_cache_was_built_is_refused():
     kw = model_cache_keyword(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **{kw: MobaKVCache.for_model(model, 10)})
-        steps = GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 4)
+        steps = DecodingSteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 4)
         steps.step()
         attach_plan(model, AttentionPlan.from_config({**MOBA, "decode": "full", "topk": 3},
                                                      model.config.num_hidden_layers))
@@ -83,7 +84,7 @@ def test_the_cache_holds_no_more_than_its_capacity():
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, **{kw: MobaKVCache.for_model(model, 6)})
         with pytest.raises(ValueError, match="capacity 6 <= the prefill's 6 slots"):
-            GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 2)
+            DecodingSteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 2)
 
 
 def test_uninitialised_slots_past_the_length_do_not_reach_dense_attention():
@@ -99,7 +100,7 @@ def test_uninitialised_slots_past_the_length_do_not_reach_dense_attention():
         for layer in cache.layers:
             layer._keys[:, :, 6:] = float("nan")
             layer._values[:, :, 6:] = float("nan")
-        steps = GreedySteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 8)
+        steps = DecodingSteps(model, output_cache(out), out.logits[:, -1], torch.tensor([[5]]), 8)
         for _ in range(7):
             steps.step()
     assert torch.equal(torch.cat([ids, steps.tokens], 1), want)
@@ -110,3 +111,103 @@ def test_a_prefill_longer_than_the_capacity_is_refused_naming_the_capacity_asked
     keys = torch.zeros(1, 2, 9, 16)
     with pytest.raises(ValueError, match="capacity 4 <= the prefill's 9 slots; allocate capacity >= prompt length"):
         DeviceDecodeLayer.from_prefill(keys, keys, 4, block_size=4, topk=2)
+
+
+# Sampling settings, as generate() takes them (top_k 0 and top_p 1.0 turn its filters off).
+SAMPLINGS = {"temperature": Sampling(temperature=0.7), "top-k": Sampling(top_k=5),
+             "top-p": Sampling(temperature=1.3, top_p=0.8), "all-three": Sampling(temperature=0.9, top_k=20, top_p=0.6)}
+
+
+def _generate_kwargs(sampling: Sampling) -> dict:
+    return dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or 0,
+                top_p=sampling.top_p if sampling.top_p is not None else 1.0)
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+def test_sampled_decoding_draws_the_tokens_generate_draws(sampling):
+    """Same seed, same draws: the filters are generate()'s and the draw is torch.multinomial's."""
+    model = with_plan(stock_model("llama"), DENSE_DECODING["moba-decode-full"])
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, mask = _prompt((9, 5, 7))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=12, **_generate_kwargs(sampling),
+                              **{model_cache_keyword(model): MobaKVCache.for_model(model, 21)})
+    torch.manual_seed(11)
+    got = sample_decode(model, ids, 12, sampling, attention_mask=mask)
+    assert torch.equal(got, want)
+    torch.manual_seed(12)
+    assert not torch.equal(sample_decode(model, ids, 12, sampling, attention_mask=mask), want)  # it does draw
+
+
+def test_sampling_from_the_single_most_likely_token_is_greedy():
+    model = with_plan(stock_model("qwen2"), DENSE_DECODING["full"])
+    ids, mask = _prompt((9, 4))
+    assert torch.equal(sample_decode(model, ids, 10, Sampling(temperature=2.0, top_k=1), attention_mask=mask),
+                       greedy_decode(model, ids, 10, attention_mask=mask))
+
+
+def generates_warpers(logits, sampling):
+    """generate()'s warpers, in its order, on fp32 logits."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.clone())
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p is not None:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+def test_the_filters_are_generates_warpers(sampling):
+    from moba_train.models.sampling import filtered_scores
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, :25] = logits[0].max()                      # ties at the top-k border: every tied token stays
+    got = filtered_scores(logits, sampling)
+    torch.testing.assert_close(got, generates_warpers(logits, sampling))
+    assert torch.isinf(got).any() or sampling.top_k is None and sampling.top_p is None   # the filters filtered
+
+
+def test_a_draw_is_torch_multinomials_draw():
+    from moba_train.models.sampling import draw
+
+    scores = torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    scores[:, ::3] = float("-inf")
+    torch.manual_seed(5)
+    want = torch.multinomial(scores.softmax(-1), 1)
+    torch.manual_seed(5)
+    got = draw(scores)
+    assert torch.equal(got, want) and not (got % 3 == 0).any()
+
+
+def test_draws_follow_the_filtered_distribution():
+    from moba_train.models.sampling import draw, filtered_scores
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40_000, 6)
+    sampling = Sampling(temperature=0.8, top_k=4)
+    scores = filtered_scores(logits, sampling)
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(scores).flatten(), minlength=6).double()
+    expected = scores[0].softmax(-1).double() * logits.shape[0]
+    assert counts[4:].sum() == 0                                   # outside the top 4: never
+    assert ((counts[:4] - expected[:4]).abs() / expected[:4].sqrt()).max() < 5   # within 5 standard deviations
+
+
+@pytest.mark.parametrize("bad, match", [(dict(temperature=0.0), "temperature=0.0.*> 0.*greedy_decode"),
+                                        (dict(temperature=float("nan")), "temperature=nan"),
+                                        (dict(top_k=0), "top_k=0.*int >= 1"), (dict(top_k=2.5), "top_k=2.5"),
+                                        (dict(top_p=0.0), r"top_p=0.0.*\(0, 1\]"), (dict(top_p=1.5), "top_p=1.5")],
+                         ids=["zero-temperature", "nan-temperature", "top-k-0", "top-k-float", "top-p-0",
+                              "top-p-above-1"])
+def test_bad_sampling_settings_are_refused_naming_the_range(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Sampling(**bad)
+
+
+def test_sample_decode_wants_a_sampling():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    with pytest.raises(TypeError, match="moba_train.models.Sampling"):
+        sample_decode(model, _prompt((6,))[0], 4, {"temperature": 0.7})

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moba_train.models import AttentionPlan, MobaKVCache
+from moba_train.models import AttentionPlan, MobaKVCache, Sampling
 from moba_train.models.cached_attention import decode_backend
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import FAMILIES, stock_model, with_plan
-from moba_train.models.graph_decode import greedy_decode
+from moba_train.models.graph_decode import greedy_decode, sample_decode
 from tests.ops.test_moba_decode_triton_interpreter import (CASES, DEVICE_CASES, GREEDY_CASES, LAYOUTS, _decode_both,
                                                            _decode_on_the_device, greedy_by_generate)
 
@@ -108,3 +108,29 @@ def test_greedy_decode_in_a_cuda_graph_equals_generate_on_cuda(case, family):
     ids, mask, want = greedy_by_generate(model, prompts, 30, device="cuda")
     got = greedy_decode(model, ids, 30, attention_mask=mask)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", GREEDY_CASES.values(), ids=GREEDY_CASES.keys())
+def test_sampled_decoding_in_a_cuda_graph_on_cuda(case):
+    """Draws inside the replayed graph: top-1 is greedy; a seed gives the same tokens again, another seed others;
+    every drawn token is among the top 8 that the model gives it over the whole sequence (fp32)."""
+    plan, prompts = case
+    model = with_plan(stock_model("llama"), plan).cuda()
+    ids, mask, greedy = greedy_by_generate(model, prompts, 30, device="cuda")
+    assert torch.equal(sample_decode(model, ids, 30, Sampling(temperature=1.5, top_k=1), attention_mask=mask), greedy)
+    sampling = Sampling(temperature=0.9, top_k=8)
+    drawn = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        drawn.append(sample_decode(model, ids, 30, sampling, attention_mask=mask))
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    P = ids.shape[1]
+    full_mask = torch.ones_like(drawn[0]) if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1]).expand(
+        -1, 30)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=drawn[0], attention_mask=full_mask if mask is not None else None,
+                       position_ids=positions).logits[:, P - 1:-1].float()                  # predicting each new token
+    chosen = logits.gather(-1, drawn[0][:, P:, None])[..., 0]
+    eighth = logits.topk(8, dim=-1).values[..., -1]
+    assert (chosen >= eighth - 1e-3).all()

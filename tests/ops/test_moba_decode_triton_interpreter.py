@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 
-from moba_train.models import LayerAttention, MobaKVCache
+from moba_train.models import LayerAttention, MobaKVCache, Sampling
 from moba_train.models.block_means import BlockMeans
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.device_decode import DeviceDecodeLayer
-from moba_train.models.graph_decode import greedy_decode
+from moba_train.models.graph_decode import greedy_decode, sample_decode
 from moba_train.models.hf_compat import model_cache_keyword
 from tests.models.test_decode import greedy_by_recomputing
 from tests.models.tiny import stock_model, with_plan
@@ -223,4 +223,19 @@ def test_greedy_decode_with_the_length_on_the_device_equals_generate(case):
     model = with_plan(stock_model("llama"), plan)
     ids, mask, want = greedy_by_generate(model, prompts, 14)
     got = greedy_decode(model, ids, 14, attention_mask=mask)
+    assert torch.equal(got, want)
+
+
+@in_interpreter
+def test_sample_decode_with_the_length_on_the_device_draws_what_generate_draws():
+    """Sparse layers on the kernel, both ways; the same seed gives the same draws."""
+    plan, prompts = GREEDY_CASES["last-layer-full-padded"]
+    model = with_plan(stock_model("llama"), plan)
+    ids, mask, _ = greedy_by_generate(model, prompts, 14)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=True, temperature=0.8, top_k=30,
+                              top_p=0.9, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 14)})
+    torch.manual_seed(3)
+    got = sample_decode(model, ids, 14, Sampling(temperature=0.8, top_k=30, top_p=0.9), attention_mask=mask)
     assert torch.equal(got, want)

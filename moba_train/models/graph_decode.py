@@ -11,8 +11,10 @@ the same work at every length: captured once as a CUDA graph and replayed once p
     ids = sample_decode(model, input_ids, 256, Sampling(temperature=0.7, top_p=0.9))
 
 Sampling draws as generate(do_sample=True) does (`models.sampling`), from torch's default generator of the device
-(seed it with torch.manual_seed). A fixed number of new tokens (a replay cannot stop at EOS: cut the result
-there), a fixed batch; left padding through `attention_mask`. Sparse MoBA layers run the fused kernel (`decode_backend` auto or
+(seed it with torch.manual_seed). With `eos_token_id`, rows that produced it get `pad_token_id` from then on and
+decoding stops once every row has, as generate() does; whether they all have is read back every EOS_CHECK_EVERY
+tokens (one host synchronisation each), so up to that many steps more may run (their tokens are cut). A fixed
+batch; left padding through `attention_mask`. Sparse MoBA layers run the fused kernel (`decode_backend` auto or
 triton); layers that decode densely attend over the whole buffer, masked to the filled slots. On a CPU (or
 with `cuda_graph=False`) the same steps run eagerly: what the tests compare with `generate()`.
 """
@@ -29,6 +31,9 @@ from .device_decode import DeviceDecodeLayer, DeviceKVLayer
 from .hf_compat import model_cache_keyword, output_cache
 from .kv_cache import MobaKVCache, MobaKVLayer
 from .sampling import Sampling, draw, filtered_scores
+
+# Tokens between two checks whether every row has produced an EOS id (each check reads a flag back to the host).
+EOS_CHECK_EVERY = 16
 
 
 def device_kv_cache(model: torch.nn.Module, cache: MobaKVCache, attention_mask: torch.Tensor | None = None) -> Cache:
@@ -60,18 +65,27 @@ class DecodingSteps:
     """Decoding steps after a prefill into a `MobaKVCache`, every changing quantity on the device: the token just
     chosen, its position, the tokens so far and the cache (`device_kv_cache`). `step` runs one; `capture` records
     one as a CUDA graph, which `replay` runs as often as the cache has room. Tokens are chosen greedily, or drawn
-    as `sampling` says."""
+    as `sampling` says; a row that has produced one of `eos_token_id` gets `pad_token_id` from then on
+    (`finished`)."""
 
     def __init__(self, model: torch.nn.Module, cache: MobaKVCache, last_logits: torch.Tensor,
                  last_positions: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None):
         """last_logits [B, V] and last_positions [B, 1] of the prompt's last token; the first new token is chosen
-        from them. The cache needs room for max_new_tokens - 1 more tokens."""
+        from them. The cache needs room for max_new_tokens - 1 more tokens. `pad_token_id` defaults to the first
+        EOS id (as generate() does)."""
         self.model, self.keyword = model, model_cache_keyword(model)
         self.cache = device_kv_cache(model, cache, attention_mask)
         self.sampling = sampling
-        B = last_logits.shape[0]
-        self.token = self.choose(last_logits)                                           # [B, 1]
+        B, device = last_logits.shape[0], last_logits.device
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.token = self._next_token(last_logits)                                      # [B, 1]
         self.position = last_positions + 1
         self.tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=last_logits.device)
         self.tokens[:, :1] = self.token
@@ -84,10 +98,17 @@ class DecodingSteps:
             return logits.argmax(-1, keepdim=True)
         return draw(filtered_scores(logits, self.sampling))
 
+    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        token = self.choose(logits)
+        if self.eos is not None:
+            token = token.masked_fill(self.finished[:, None], self.pad)
+            self.finished |= (token == self.eos).any(-1)
+        return token
+
     def step(self) -> None:
         logits = self.model(input_ids=self.token, position_ids=self.position, use_cache=True,
                             **{self.keyword: self.cache}).logits
-        self.token.copy_(self.choose(logits[:, -1]))
+        self.token.copy_(self._next_token(logits[:, -1]))
         self.tokens.index_copy_(1, self.written, self.token)
         self.written.add_(1)
         self.position.add_(1)
@@ -107,27 +128,43 @@ class DecodingSteps:
     def replay(self) -> None:
         self.graph.replay()
 
+    def new_tokens(self, chosen: int) -> torch.Tensor:
+        """The first `chosen` new tokens [B, n], cut after the token with which the last row finished, if every
+        row has (generate()'s length)."""
+        tokens = self.tokens[:, :chosen]
+        if self.eos is None:
+            return tokens
+        is_eos = (tokens[..., None] == self.eos).any(-1)                                # [B, n]
+        if not bool(is_eos.any(-1).all()):
+            return tokens
+        return tokens[:, :int(is_eos.int().argmax(-1).max()) + 1]
+
 
 def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
-    """input_ids [B, P] (left-padded where attention_mask [B, P] says so) -> [B, P + max_new_tokens], greedy.
+                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """input_ids [B, P] (left-padded where attention_mask [B, P] says so) -> [B, P + new], greedy: new is
+    max_new_tokens, or fewer when every row produced one of `eos_token_id` (rows that did get `pad_token_id`
+    after it, by default the first EOS id), as generate() returns.
 
     `cuda_graph` (default: on a CUDA device): the second step is captured and replayed for the rest."""
-    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling=None)
+    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, None, eos_token_id, pad_token_id)
 
 
 def sample_decode(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling,
-                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+                  attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
     """As greedy_decode, each new token drawn as `sampling` says (generate(do_sample=True)'s temperature, top_k,
     top_p), from the default generator of the model's device: with the same seed and `cuda_graph=False` it draws
     the tokens generate() draws."""
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a moba_train.models.Sampling, got {type(sampling).__name__}")
-    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling)
+    return _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling, eos_token_id, pad_token_id)
 
 
 @torch.no_grad()
-def _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling) -> torch.Tensor:
+def _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampling, eos_token_id,
+            pad_token_id) -> torch.Tensor:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = input_ids.device
@@ -142,16 +179,18 @@ def _decode(model, input_ids, max_new_tokens, attention_mask, cuda_graph, sampli
     prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{model_cache_keyword(model): MobaKVCache.for_model(model, P + max_new_tokens)})
     decoding = DecodingSteps(model, output_cache(prefill), prefill.logits[:, -1], positions[:, -1:], max_new_tokens,
-                             attention_mask, sampling)
-    steps = max_new_tokens - 1
+                             attention_mask, sampling, eos_token_id, pad_token_id)
+    steps, done = max_new_tokens - 1, 0
+    advance = decoding.step
     if cuda_graph and steps >= 2:
         decoding.capture()                                # runs the first step, records the second
-        for _ in range(steps - 1):
-            decoding.replay()
-    else:
-        for _ in range(steps):
-            decoding.step()
-    return torch.cat([input_ids, decoding.tokens], dim=1)
+        done, advance = 1, decoding.replay
+    while done < steps:
+        if decoding.eos is not None and done % EOS_CHECK_EVERY == 0 and bool(decoding.finished.all()):
+            break
+        advance()
+        done += 1
+    return torch.cat([input_ids, decoding.new_tokens(done + 1)], dim=1)
 
 
-__all__ = ["DecodingSteps", "device_kv_cache", "greedy_decode", "sample_decode"]
+__all__ = ["DecodingSteps", "EOS_CHECK_EVERY", "device_kv_cache", "greedy_decode", "sample_decode"]

@@ -211,3 +211,78 @@ def test_sample_decode_wants_a_sampling():
     model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
     with pytest.raises(TypeError, match="moba_train.models.Sampling"):
         sample_decode(model, _prompt((6,))[0], 4, {"temperature": 0.7})
+
+
+def _eos_ids_that_occur(tokens: torch.Tensor, at: tuple[int, ...]) -> list[int]:
+    """For each row b, the token it produces at new-token index at[b] (that row's stop, as EOS id), where that
+    token does not appear earlier in the row's new tokens (else the row would stop sooner)."""
+    ids = []
+    for b, i in enumerate(at):
+        while int(tokens[b, i]) in tokens[b, :i].tolist():
+            i += 1
+        ids.append(int(tokens[b, i]))
+    return ids
+
+
+@pytest.mark.parametrize("check_every", [1, 5, 16])
+@pytest.mark.parametrize("stops", ["every-row-stops", "one-row-never-stops"])
+def test_decoding_stops_at_eos_as_generate_does(stops, check_every, monkeypatch):
+    """Rows that produced an EOS id get the pad id; the result ends with the last row's EOS, or runs to
+    max_new_tokens when a row never produces one: generate()'s result, whatever the check interval."""
+    import moba_train.models.graph_decode as graph_decode
+
+    monkeypatch.setattr(graph_decode, "EOS_CHECK_EVERY", check_every)
+    model = with_plan(stock_model("llama"), DENSE_DECODING["moba-decode-full"])
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    ids, mask = _prompt((9, 5, 7))
+    free = greedy_decode(model, ids, 20, attention_mask=mask)[:, ids.shape[1]:]
+    eos = _eos_ids_that_occur(free, (3, 6, 2) if stops == "every-row-stops" else (3, 6))
+    if stops == "one-row-never-stops":
+        eos = [e for e in eos if e not in free[2].tolist()]
+        assert eos, "the prompt's continuation left no usable EOS id: change the seed"
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **{model_cache_keyword(model): MobaKVCache.for_model(model, 29)})
+    got = greedy_decode(model, ids, 20, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert (want.shape[1] < ids.shape[1] + 20) == (stops == "every-row-stops")
+
+
+def test_sampled_decoding_stops_at_eos_as_generate_does():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    model.generation_config.eos_token_id = None
+    ids, mask = _prompt((9, 5))
+    sampling = Sampling(temperature=0.8, top_k=6)
+    torch.manual_seed(2)
+    free = sample_decode(model, ids, 16, sampling, attention_mask=mask)[:, ids.shape[1]:]
+    eos = _eos_ids_that_occur(free, (4, 7))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=0,
+                              **_generate_kwargs(sampling),
+                              **{model_cache_keyword(model): MobaKVCache.for_model(model, 25)})
+    torch.manual_seed(2)
+    got = sample_decode(model, ids, 16, sampling, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and want.shape[1] < ids.shape[1] + 16
+
+
+def test_the_pad_id_defaults_to_the_first_eos_id():
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    ids, mask = _prompt((7, 5))
+    free = greedy_decode(model, ids, 12, attention_mask=mask)[:, 7:]
+    first = _eos_ids_that_occur(free, (2,))[0]
+    unseen = next(t for t in range(256) if t not in free.flatten().tolist())
+    assert first not in free[1].tolist(), "row 1 produces row 0's EOS id too: change the seed"
+    out = greedy_decode(model, ids, 12, attention_mask=mask, eos_token_id=[first, unseen])[:, 7:]
+    stop = free[0].tolist().index(first)
+    assert out.shape == free.shape                                  # row 1 never stops
+    assert torch.equal(out[0, :stop + 1], free[0, :stop + 1]) and (out[0, stop + 1:] == first).all()
+    assert torch.equal(out[1], free[1])
+
+
+@pytest.mark.parametrize("bad", ["2", [1, -3], True], ids=["string", "negative", "bool"])
+def test_bad_eos_ids_are_refused(bad):
+    model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
+    with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+        greedy_decode(model, _prompt((6,))[0], 4, eos_token_id=bad)

@@ -134,3 +134,18 @@ def test_sampled_decoding_in_a_cuda_graph_on_cuda(case):
     chosen = logits.gather(-1, drawn[0][:, P:, None])[..., 0]
     eighth = logits.topk(8, dim=-1).values[..., -1]
     assert (chosen >= eighth - 1e-3).all()
+
+
+def test_decoding_in_a_cuda_graph_stops_at_eos_as_generate_does_on_cuda():
+    """Replays between the EOS checks run past the last row's EOS: their tokens are cut, as generate() stops."""
+    from tests.models.test_graph_decode import _eos_ids_that_occur
+
+    plan, prompts = GREEDY_CASES["last-layer-full-padded"]
+    model = with_plan(stock_model("llama"), plan).cuda()
+    ids, mask, free = greedy_by_generate(model, prompts, 40, device="cuda")
+    eos = _eos_ids_that_occur(free[:, ids.shape[1]:], (5, 11, 20))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 40)})
+    got = greedy_decode(model, ids, 40, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert got.shape == want.shape and torch.equal(got, want) and want.shape[1] < ids.shape[1] + 40

@@ -239,3 +239,18 @@ def test_sample_decode_with_the_length_on_the_device_draws_what_generate_draws()
     torch.manual_seed(3)
     got = sample_decode(model, ids, 14, Sampling(temperature=0.8, top_k=30, top_p=0.9), attention_mask=mask)
     assert torch.equal(got, want)
+
+
+@in_interpreter
+def test_greedy_decode_with_the_length_on_the_device_stops_at_eos_as_generate_does():
+    from tests.models.test_graph_decode import _eos_ids_that_occur
+
+    plan, prompts = GREEDY_CASES["last-layer-full-padded"]
+    model = with_plan(stock_model("llama"), plan)
+    ids, mask, free = greedy_by_generate(model, prompts, 14)
+    eos = _eos_ids_that_occur(free[:, ids.shape[1]:], (3, 8, 5))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 14)})
+    got = greedy_decode(model, ids, 14, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and want.shape[1] < ids.shape[1] + 14

@@ -82,6 +82,9 @@ class DecodingSteps:
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+                                         or pad_token_id < 0):
+            raise ValueError(f"pad_token_id must be a token id, got {pad_token_id!r}")
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)

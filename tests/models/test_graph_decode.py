@@ -281,8 +281,12 @@ def test_the_pad_id_defaults_to_the_first_eos_id():
     assert torch.equal(out[1], free[1])
 
 
-@pytest.mark.parametrize("bad", ["2", [1, -3], True], ids=["string", "negative", "bool"])
-def test_bad_eos_ids_are_refused(bad):
+@pytest.mark.parametrize("bad, match", [(dict(eos_token_id="2"), "eos_token_id must be a token id"),
+                                        (dict(eos_token_id=[1, -3]), "eos_token_id must be a token id"),
+                                        (dict(eos_token_id=True), "eos_token_id must be a token id"),
+                                        (dict(eos_token_id=2, pad_token_id=-1), "pad_token_id must be a token id")],
+                         ids=["eos-string", "eos-negative", "eos-bool", "pad-negative"])
+def test_bad_eos_and_pad_ids_are_refused(bad, match):
     model = with_plan(stock_model("llama"), DENSE_DECODING["full"])
-    with pytest.raises(ValueError, match="eos_token_id must be a token id"):
-        greedy_decode(model, _prompt((6,))[0], 4, eos_token_id=bad)
+    with pytest.raises(ValueError, match=match):
+        greedy_decode(model, _prompt((6,))[0], 4, **bad)

@@ -15,10 +15,13 @@ mkdir -p "$LOGS"
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: these tests would all be skipped')" \
   || exit 2
 
-# Decoding first (shortest, and what most users run), then the training kernels, then the rest.
-FILES=(tests/models/test_decode_gpu.py tests/ops/test_moba_decode_triton_gpu.py
-       tests/ops/test_moba_gpu.py tests/models/test_full_attn.py tests/models/test_full_attn_fa4.py
-       tests/ops/test_moba_centroids.py tests/ops/test_moba_moonshot.py tests/eval/test_eval_mode.py)
+# Every test file that marks tests `gpu`: decoding first (what most users run), then the training kernels, then
+# the rest in name order.
+FIRST=(tests/models/test_decode_gpu.py tests/ops/test_moba_decode_triton_gpu.py tests/ops/test_moba_gpu.py)
+FILES=("${FIRST[@]}")
+for f in $(grep -rl "pytest.mark.gpu" tests --include="*.py" | sort); do
+  [[ " ${FIRST[*]} " == *" $f "* ]] || FILES+=("$f")
+done
 EXTRA=()
 if [ $# -gt 0 ] && [ -f "$1" ]; then FILES=("$1"); shift; fi
 EXTRA=("$@")

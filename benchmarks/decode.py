@@ -23,7 +23,8 @@ Two levels per context length L:
              MobaKVCache: allocated once, appended in place). "vs full" compares within one cache class.
              `full-graph` and `moba-graph` (CUDA, MobaKVCache): whole greedy steps replayed from one CUDA
              graph (`models.graph_decode.DecodingSteps`), dense or with the kernel, synchronised after every
-             replay; their "vs full" compares moba-graph with full-graph.
+             replay; their "vs full" compares moba-graph with full-graph. Greedy, or with --sample each token
+             drawn as sample_decode draws it (temperature 0.7, top-p 0.9).
 
 CPU (small, fp32):
     python benchmarks/decode.py --device cpu --contexts 2048 8192 --model tiny --heads 8 2 --head-dim 64
@@ -46,7 +47,7 @@ from datetime import date
 import torch
 from transformers import DynamicCache
 
-from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, attach_plan, build_from_config
+from moba_train.models import AttentionPlan, LayerAttention, MobaKVCache, Sampling, attach_plan, build_from_config
 from moba_train.models.cached_attention import attend_cached
 from moba_train.models.decode_cache import BlockMeans
 from moba_train.models.device_decode import DeviceDecodeLayer
@@ -265,7 +266,8 @@ def _bench_model_graph(model, cache, last_logits, L: int, mode: str, prefill_s: 
     """Whole model steps replayed from one CUDA graph (`graph_decode.DecodingSteps`: the cache's lengths and block
     means on the device), continuing the prefill in `cache`; synchronised after every replay."""
     last = torch.full((args.batch, 1), L - 1, device=args.device)
-    decoding = DecodingSteps(model, cache, last_logits, last, args.warmup + args.steps + 2)
+    sampling = Sampling(temperature=0.7, top_p=0.9) if args.sample else None
+    decoding = DecodingSteps(model, cache, last_logits, last, args.warmup + args.steps + 2, sampling=sampling)
     decoding.capture()
     for _ in range(args.warmup):
         decoding.replay()
@@ -293,6 +295,9 @@ def main():
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="rows decoding together (both levels)")
+    p.add_argument("--sample", action="store_true",
+                   help="model level: the graph modes draw each token (temperature 0.7, top-p 0.9: sample_decode's "
+                        "step) instead of taking the argmax")
     p.add_argument("--prefill-rows", action="store_true",
                    help="model level: prefill each row alone and stack the caches (a batch whose joint prefill "
                         "does not fit, e.g. llama3-8b-8l at 4 x 128K on 80 GB)")
@@ -315,7 +320,8 @@ def main():
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     header = {"date": str(date.today()), "argv": sys.argv[1:], "torch": torch.__version__, "device": device_name,
-              "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk, "batch": args.batch}
+              "dtype": args.dtype, "block_size": args.block_size, "topk": args.topk, "batch": args.batch,
+              "sample": args.sample}
     print(f"# {json.dumps(header)}")
     print(f"attention level: heads {args.heads[0]}/{args.heads[1]} x {args.head_dim}; model level: {args.model}")
     if "attention" in args.levels:

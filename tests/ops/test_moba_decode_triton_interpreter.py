@@ -58,7 +58,8 @@ def test_interpreted_decode_kernel_passes_in_a_fresh_process():
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES) + 1 + len(GREEDY_CASES)
+    # the parametrized tests and the single ones (+ 1 each; + 2: sampling, and the EOS stop)
+    expected = len(CASES) + len(LAYOUTS) - 1 + len(FP16_CASES) + 1 + len(DEVICE_CASES) + 1 + len(GREEDY_CASES) + 2
     assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
@@ -198,21 +199,25 @@ GREEDY_CASES = {
 }
 
 
-def greedy_by_generate(model, prompts: tuple[int, ...], new: int, device="cpu", seed=4):
-    """Left-padded random prompts and generate()'s greedy continuation of them with MobaKVCache."""
+def padded_prompts(prompts: tuple[int, ...], device="cpu", seed=4):
+    """Random prompts of these lengths, left-padded with token 0, and their mask (None for one row)."""
     g = torch.Generator().manual_seed(seed)
     P = max(prompts)
     ids = torch.randint(1, 256, (len(prompts), P), generator=g)
     mask = torch.zeros(len(prompts), P, dtype=torch.long)
     for b, p in enumerate(prompts):
         mask[b, P - p:] = 1
-    ids = (ids * mask).to(device)                                  # pad token 0
-    mask = mask.to(device) if len(prompts) > 1 else None
+    return (ids * mask).to(device), (mask.to(device) if len(prompts) > 1 else None)
+
+
+def greedy_by_generate(model, prompts: tuple[int, ...], new: int, device="cpu", seed=4):
+    """Left-padded random prompts and generate()'s greedy continuation of them with MobaKVCache."""
+    ids, mask = padded_prompts(prompts, device, seed)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                              **{model_cache_keyword(model): MobaKVCache.for_model(model, P + new)})
+                              **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + new)})
     return ids, mask, want
 
 
@@ -229,15 +234,17 @@ def test_greedy_decode_with_the_length_on_the_device_equals_generate(case):
 @in_interpreter
 def test_sample_decode_with_the_length_on_the_device_draws_what_generate_draws():
     """Sparse layers on the kernel, both ways; the same seed gives the same draws."""
-    plan, prompts = GREEDY_CASES["last-layer-full-padded"]
+    plan, _ = GREEDY_CASES["last-layer-full-padded"]
     model = with_plan(stock_model("llama"), plan)
-    ids, mask, _ = greedy_by_generate(model, prompts, 14)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, mask = padded_prompts((10, 6))
     torch.manual_seed(3)
     with torch.no_grad():
-        want = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=True, temperature=0.8, top_k=30,
-                              top_p=0.9, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 14)})
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8, top_k=30,
+                              top_p=0.9, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 10)})
     torch.manual_seed(3)
-    got = sample_decode(model, ids, 14, Sampling(temperature=0.8, top_k=30, top_p=0.9), attention_mask=mask)
+    got = sample_decode(model, ids, 10, Sampling(temperature=0.8, top_k=30, top_p=0.9), attention_mask=mask)
     assert torch.equal(got, want)
 
 
@@ -245,12 +252,12 @@ def test_sample_decode_with_the_length_on_the_device_draws_what_generate_draws()
 def test_greedy_decode_with_the_length_on_the_device_stops_at_eos_as_generate_does():
     from tests.models.test_graph_decode import _eos_ids_that_occur
 
-    plan, prompts = GREEDY_CASES["last-layer-full-padded"]
+    plan, _ = GREEDY_CASES["last-layer-full-padded"]
     model = with_plan(stock_model("llama"), plan)
-    ids, mask, free = greedy_by_generate(model, prompts, 14)
-    eos = _eos_ids_that_occur(free[:, ids.shape[1]:], (3, 8, 5))
+    ids, mask, free = greedy_by_generate(model, (10, 6), 10)
+    eos = _eos_ids_that_occur(free[:, ids.shape[1]:], (3, 5))
     with torch.no_grad():
-        want = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=eos,
-                              pad_token_id=0, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 14)})
-    got = greedy_decode(model, ids, 14, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(got, want) and want.shape[1] < ids.shape[1] + 14
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, **{model_cache_keyword(model): MobaKVCache.for_model(model, ids.shape[1] + 10)})
+    got = greedy_decode(model, ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, want) and want.shape[1] < ids.shape[1] + 10

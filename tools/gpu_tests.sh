@@ -31,7 +31,7 @@ for f in "${FILES[@]}"; do
   name=$(basename "$f" .py)
   start=$(date +%s)
   $PY -m pytest -p no:cacheprovider "$f" -m "gpu and not exhaustive" -q -rfE --timeout "$TIMEOUT" --junitxml "$LOGS/$name.xml" \
-      "${EXTRA[@]}" > "$LOGS/$name.log" 2>&1
+      ${EXTRA[@]+"${EXTRA[@]}"} > "$LOGS/$name.log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1            # 5: no test selected
   summary=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran" "$LOGS/$name.log" | tail -1)

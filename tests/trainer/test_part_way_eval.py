@@ -20,6 +20,15 @@ def evaluations(out, kind: str) -> list[tuple]:
              r.get("haystack"), r.get("mean_loss"), r.get("accuracy")) for r in records(out, kind)]
 
 
+def assert_same_evaluations(got: list[tuple], want: list[tuple], kind: str) -> None:
+    """The same evaluations (stage, point, step, tokens, haystack, accuracy) with the same mean loss up to a
+    float32 rounding: an evaluation in a resumed process came out 1 ulp away from the uninterrupted run's now and
+    then (CI, 2026-12-07), while the training losses and the final weights (compared bit for bit) did not."""
+    assert [r[:6] + r[7:] for r in got] == [r[:6] + r[7:] for r in want], kind
+    for a, b in zip(got, want):
+        assert (a[6] is None) == (b[6] is None) and (a[6] is None or abs(a[6] - b[6]) <= 1e-6 * abs(b[6])), (kind, a, b)
+
+
 @pytest.mark.timeout(600)
 def test_a_stage_is_evaluated_before_its_first_step_and_part_way_on_each_haystack(tmp_path):
     out = tmp_path / "run"
@@ -60,6 +69,6 @@ def test_a_kill_during_a_part_way_evaluation_repeats_only_it(tmp_path, eval_at):
     run_cli(broken, overrides)
     assert losses(broken) == losses(whole)
     for kind in ("eval", "passkey", "stage_end"):
-        assert evaluations(broken, kind) == evaluations(whole, kind), kind
+        assert_same_evaluations(evaluations(broken, kind), evaluations(whole, kind), kind)
     assert len(records(broken, "stage_start")) == len(records(whole, "stage_start")) + (eval_at == "0.5")
     assert (broken / "hf_model" / "model.safetensors").read_bytes() == (whole / "hf_model" / "model.safetensors").read_bytes()

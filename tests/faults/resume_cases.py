@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.trainer.cli_run import records, run_cli
+from tests.trainer.cli_run import records, run_cli, same_evaluation_loss
 
 # tiny: stages short (steps 1-2), long (3-4, MoBA -> full at its half), sft (5); a checkpoint after every step
 TINY = ["recipe=tiny", "logger=none", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10"]
@@ -38,15 +38,13 @@ def what_the_run_did(out) -> dict:
 
 
 def assert_same_run(got, want) -> None:
-    """Bit for bit, but the evaluation losses: an evaluation right after a resume in a new process came out an fp32
-    rounding away from the uninterrupted run's now and then, at fb3ebef too (2 runs in 4; CI, 2026-12-07), while the
-    training and the export matched bit for bit."""
+    """Bit for bit, but the evaluation losses (`same_evaluation_loss`)."""
     a, b = what_the_run_did(got), what_the_run_did(want)
     for key in b:
         if key == "eval":
             assert [r[0] for r in a[key]] == [r[0] for r in b[key]], "evaluations differ from the uninterrupted run"
             for x, y in zip(a[key], b[key]):
-                assert all(u == v or None not in (u, v) and abs(u - v) <= 1e-6 * abs(v) for u, v in zip(x[1:], y[1:])), (
+                assert all(same_evaluation_loss(u, v) for u, v in zip(x[1:], y[1:])), (
                     f"evaluation losses differ from the uninterrupted run: {x} vs {y}")
         else:
             assert a[key] == b[key], f"{key} differs from the uninterrupted run"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +37,55 @@ def losses(out_dir: Path) -> list[float]:
     return [r["loss"] for r in records(out_dir)]
 
 
-def same_evaluation_loss(got: float | None, want: float | None) -> bool:
-    """An evaluation loss of a resumed run against the uninterrupted run's: equal, or within 1e-6 relative. An
-    evaluation right after a resume in a new process came out an fp32 rounding away now and then (2 runs in 4 at
-    fb3ebef; CI, 2026-12-07), while training and the export matched bit for bit."""
-    return got == want or None not in (got, want) and abs(got - want) <= 1e-6 * abs(want)
+# Two runs that must agree (a resumed run and the uninterrupted one) are compared bit for bit where the
+# values are not computed (steps, plans, answers, the exported config) and up to ROUNDING, relative, where they
+# are: on CI's CPUs a new process's fp32 results came out a rounding away now and then (an evaluation loss 3e-9
+# relative at ca2f9ae and d3a27ed, a grad norm at 22f7b7e), never on this machine in 15 runs. A resume bug (the
+# data position, the LR, the optimizer state) moves them by 1e-4 or more. A difference within ROUNDING is
+# reported as a warning, so CI's output says when it happened.
+ROUNDING = 1e-6
+
+
+class RoundingDifference(UserWarning):
+    """Two runs that must agree differed within ROUNDING."""
+
+
+def same_number(got: float | None, want: float | None, what: str = "a value") -> bool:
+    """Equal, or within ROUNDING relative (with a RoundingDifference warning)."""
+    if got == want or got != got and want != want:             # NaN (a skipped step's loss) matches NaN
+        return True
+    if None in (got, want) or not abs(got - want) <= ROUNDING * abs(want):
+        return False
+    warnings.warn(RoundingDifference(f"{what}: {got!r} vs {want!r}"), stacklevel=2)
+    return True
+
+
+def same_numbers(got: list, want: list, what: str = "values") -> bool:
+    return len(got) == len(want) and all(same_number(a, b, f"{what}[{i}]") for i, (a, b) in enumerate(zip(got, want)))
+
+
+def same_export(got_dir: Path, want_dir: Path) -> bool:
+    """The same exported config, and the same weights: bit for bit, or each tensor within ROUNDING of its
+    largest magnitude (with a RoundingDifference warning)."""
+    from safetensors.torch import load_file
+
+    if json.loads((got_dir / "config.json").read_text()) != json.loads((want_dir / "config.json").read_text()):
+        return False
+    got_bytes, want_bytes = (d / "model.safetensors" for d in (got_dir, want_dir))
+    if got_bytes.read_bytes() == want_bytes.read_bytes():
+        return True
+    got, want = load_file(got_bytes), load_file(want_bytes)
+    if got.keys() != want.keys():
+        return False
+    worst = 0.0
+    for name, w in want.items():
+        g = got[name]
+        if g.dtype != w.dtype or g.shape != w.shape:
+            return False
+        scale = float(w.double().abs().max()) or 1.0
+        worst = max(worst, float((g.double() - w.double()).abs().max()) / scale)
+    if not worst <= ROUNDING:
+        return False
+    warnings.warn(RoundingDifference(f"exported weights differ by {worst:.1e} of a tensor's largest magnitude"),
+                  stacklevel=2)
+    return True

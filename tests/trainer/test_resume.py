@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.trainer.cli_run import losses, records, run_cli
+from tests.trainer.cli_run import losses, records, run_cli, same_numbers
 
 TINY = ["recipe=tiny", "trainer.checkpoint_every=1", "trainer.export=false"]
 
@@ -24,5 +24,5 @@ def test_resume_into_a_different_data_parallel_size_uses_the_universal_checkpoin
     assert (broken / "checkpoints" / "step00000003_universal").is_dir()
     got = losses(broken)
     assert len(got) == len(reference)
-    assert got[:3] == reference[:3]
+    assert same_numbers(got[:3], reference[:3], "losses")           # both 2-process runs
     assert got[3:] == pytest.approx(reference[3:], rel=1e-5)

@@ -195,13 +195,15 @@ ROUTING_CASES = {"bs64-gqa4-top4": (Pack((1000, 3001, 517), 64), (8, 2), 4),
                  "bs1024-top3": (Pack((5000,), 1024), (4, 1), 3)}
 
 
+@pytest.mark.parametrize("input_dtype_dot", [False, True], ids=["tf32x3", "bf16-product"])
 @pytest.mark.parametrize("centroids", ["reference", "fp32"])
 @pytest.mark.parametrize("case", ROUTING_CASES.values(), ids=ROUTING_CASES.keys())
-def test_triton_gate_picks_the_best_blocks(case, centroids):
+def test_triton_gate_picks_the_best_blocks(case, centroids, input_dtype_dot):
     pack, (hq, hkv), topk = case
     (q, k, _), _ = _inputs(pack, (hq, hkv), torch.bfloat16, seed=1)
     layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
-    plan = triton_backend.make_plan(q, k, layout, topk, 1.0, centroids=centroids)
+    config = dataclasses.replace(triton_backend.tiles_for(HEAD_DIM), gate_in_input_dtype=input_dtype_dot)
+    plan = triton_backend.make_plan(q, k, layout, topk, 1.0, config=config, centroids=centroids)
     got = plan.sel.long()
     n_sel = got.shape[-1]
     want = select_blocks(q, k, layout, topk, centroids=centroids)[..., :n_sel]
@@ -281,6 +283,20 @@ def _check_head_dim_against_naive(head_dim, heads, dtype):
     want = _run(_backend_fn("naive", pack, topk), q, k, v, dout)
     got = _run(_backend_fn("triton", pack, topk), q, k, v, dout)
     _assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("head_dim,heads", HEAD_DIMS.values(), ids=HEAD_DIMS.keys())
+def test_the_gates_bf16_product_picks_what_tf32x3_picks_at_every_head_dim(head_dim, heads):
+    """Both score exact products of bf16 values in fp32 (reference centroids); only the order of the sums differs."""
+    pack, topk = Pack((3000, 1200), 64), 4
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(pack.tokens, heads[0], head_dim, device="cuda", generator=g).bfloat16()
+    k = torch.randn(pack.tokens, heads[1], head_dim, device="cuda", generator=g).bfloat16()
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
+    picks = [triton_backend.make_plan(q, k, layout, topk, 1.0, config=dataclasses.replace(
+        triton_backend.tiles_for(head_dim), gate_in_input_dtype=flag)).sel.long().sort(-1).values for flag in (False, True)]
+    same = (picks[0] == picks[1]).all(-1).float().mean().item()
+    assert same > 0.999, f"only {same:.5f} of the (token, head) selections agree"
 
 
 def test_auto_never_picks_a_backend_that_cannot_run_the_head_dim():

@@ -20,6 +20,7 @@ import torch
 from moba_train.ops.moba import build_layout, select_blocks
 from moba_train.ops.moba import triton as triton_backend
 from moba_train.ops.moba.naive import moba_naive
+from moba_train.ops.moba.triton_routing import input_dtype_dot_is_exact
 from tests.ops.test_moba import Pack, make_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,7 +36,7 @@ def test_interpreted_kernels_pass_in_a_fresh_process():
                          env=env, capture_output=True, text=True, timeout=540)
     summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     # Every case ran and passed; only the launcher itself is skipped in there.
-    expected = 2 * len(CASES) + 3 + len(FP16_OTHER_KV_LOADS) + 2 * len(SPAN_CASES)
+    expected = 3 * len(CASES) + 3 * len(GATE_CASES) + 3 + len(FP16_OTHER_KV_LOADS) + 2 * len(SPAN_CASES)
     assert res.returncode == 0 and f"{expected} passed, 1 skipped" in summary, res.stdout[-6000:] + res.stderr[-2000:]
 
 
@@ -71,6 +72,33 @@ def _run(pack, heads, topk, dtype, monkeypatch, shared_routing, **config):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_with_its_own_gate_matches_naive_fp32(case, monkeypatch):
     _run(*case, torch.float32, monkeypatch, shared_routing=False)
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_with_its_own_gate_matches_naive_fp16(case, monkeypatch):
+    """The gate's product in fp16 (the reference convention's exact path), through the whole operator."""
+    _run(*case, torch.float16, monkeypatch, shared_routing=False, gate_in_input_dtype=True)
+
+
+GATE_CASES = ["3docs-ragged-bs16-gqa2-top3", "short-docs-bs32-gqa8-top2", "bs7-gqa3-top3"]
+
+
+@in_interpreter
+@pytest.mark.parametrize("centroids,input_dtype_dot", [("reference", True), ("reference", False), ("fp32", True)],
+                         ids=["reference-fp16-product", "reference-tf32x3", "fp32-centroids-tf32x3"])
+@pytest.mark.parametrize("name", GATE_CASES)
+def test_the_fp16_gate_selects_the_blocks_the_pytorch_gate_selects(name, centroids, input_dtype_dot):
+    """fp16 inputs: the kernel scores by one fp16 product where that is exact (reference centroids, asked for),
+    else by tf32x3."""
+    pack, heads, topk = CASES[name]
+    q, k, _ = make_inputs(pack, *heads, dtype=torch.float16, separated=True)
+    layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, q.device)
+    config = triton_backend.TileConfig(route_m=16, route_n=16, gate_in_input_dtype=input_dtype_dot)
+    got = triton_backend.make_plan(q, k, layout, topk, 1.0, config=config, centroids=centroids).sel
+    want = select_blocks(q, k, layout, topk, centroids)
+    assert input_dtype_dot_is_exact(q.dtype, centroids) == (centroids == "reference")
+    assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
 
 
 @in_interpreter

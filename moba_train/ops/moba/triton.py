@@ -71,6 +71,10 @@ class TileConfig:
     # slower, hence on in the forward only (docs/kernel-notes.md, "Keys and values by TMA").
     fwd_kv_descriptors: bool = True
     dq_kv_descriptors: bool = False
+    # The gate's scores by one product in the inputs' bf16/fp16 where the block means are rounded to it (exact:
+    # triton_routing.py) instead of three tf32 products. Off until measured and GPU-tested (docs/kernel-notes.md,
+    # "The gate's product in the inputs' dtype").
+    gate_in_input_dtype: bool = False
 
 
 # Tiles by head dim (BLOCK_D = the next power of two >= head_dim; 80, 96 and 192 run padded, masked to head_dim).
@@ -239,7 +243,7 @@ def _route(q, k, plan: _Plan, span=None, means=None) -> torch.Tensor:
     c = plan.config
     return routing.select_blocks(q.detach(), k.detach(), plan.block_start, plan.block_len, plan.block_doc_first,
                                  plan.layout.block_size, plan.n_select, c.route_m, c.route_n, plan.centroids,
-                                 means=means, span=span)
+                                 means=means, span=span, input_dtype_dot=c.gate_in_input_dtype)
 
 
 def _group(sel: torch.Tensor, Hq: int, Hkv: int, plan: _Plan) -> _Grouping:

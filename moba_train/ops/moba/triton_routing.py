@@ -5,9 +5,13 @@ candidate blocks of their document in chunks, and keeps a running top-(topk-1) p
 registers. Memory is the inputs, the [NB, Hkv, D] means and the [T, Hq, n_select] result.
 
 Means are summed in fp32 and rounded by the `centroids` convention of routing.py (to the input dtype
-for "reference"). Scores are q . mean(K_block) in fp32 like `routing.select_blocks`: "tf32x3" splits each fp32
-operand into three tf32 products on the tensor cores, about as exact as fp32 FMA and several
-times faster. The two still sum in different orders, so they may disagree on near-ties (see routing.py).
+for "reference"). Scores are q . mean(K_block) in fp32 like `routing.select_blocks`. When the means are rounded
+to the queries' 16-bit dtype (the default convention), one tensor-core product in that dtype can compute them
+(`input_dtype_dot`, TileConfig.gate_in_input_dtype; off until measured on a GPU): each product of two bf16 (or fp16) values is exact in fp32 and the tensor cores sum them in fp32, as for tf32x3, with a
+third of the products, each at twice tf32's rate. Otherwise
+(fp32 inputs, or fp32 centroids) "tf32x3" splits each fp32 operand into three tf32 products on the tensor
+cores, about as exact as fp32 FMA. Either way the sums run in another order than the PyTorch gate's, so the
+two may disagree on near-ties (see routing.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .routing import round_centroids
+from .routing import round_centroids, rounds_centroids
 
 SCORE_PRECISION = "tf32x3"
 
@@ -43,7 +47,7 @@ def _block_means_kernel(k_ptr, means_ptr, block_start_ptr, block_len_ptr, stride
 def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_ptr, block_doc_first_ptr,
                           stride_qt, stride_qh, Hq, G, Hkv, D, n_select, chunks_per_block, blk_base, tok_base,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, IN_DTYPE_DOT: tl.constexpr):
     """sel[t - tok_base, hq, :n_select] = ids of the best earlier blocks of t's document, for the tokens of blocks
     blk_base.. (one program per 64 tokens of a block and query head); -1 pads a short list."""
     blk = blk_base + tl.program_id(0) // chunks_per_block
@@ -69,7 +73,9 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
         else:
             offs_d = tl.arange(0, BLOCK_D)
             qt = tl.load(q_ptr + tokens[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
-                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            if not IN_DTYPE_DOT:
+                qt = qt.to(tl.float32)
             # Running best list: real slots start empty (-inf), padding slots are never the worst (+inf).
             best = tl.where(slot_real, float("-inf"), float("inf"))[None, :] + tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
             best_id = tl.full([BLOCK_M, BLOCK_K], -1, tl.int32)
@@ -78,7 +84,10 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
                 cand_ok = cand < blk
                 mt = tl.load(means_ptr + (cand[:, None].to(tl.int64) * Hkv + hkv) * D + offs_d[None, :],
                              mask=cand_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                s = tl.dot(qt, tl.trans(mt), input_precision=PRECISION)
+                if IN_DTYPE_DOT:   # the means are values of q's dtype: the cast is exact
+                    s = tl.dot(qt, tl.trans(mt.to(qt.dtype)), out_dtype=tl.float32)
+                else:
+                    s = tl.dot(qt, tl.trans(mt), input_precision=PRECISION)
                 s = tl.where(cand_ok[None, :], s, float("-inf"))
                 # Move the chunk's best into the list while it beats the list's worst: a row needs at
                 # most as many rounds as it has candidates above its current worst.
@@ -96,6 +105,12 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
             tl.store(out_ptrs, best_id, mask=out_mask)
 
 
+def input_dtype_dot_is_exact(dtype: torch.dtype, centroids: str) -> bool:
+    """Whether one product in the inputs' dtype scores exactly: 16-bit inputs whose means the convention rounds to
+    that dtype."""
+    return rounds_centroids(dtype, centroids)
+
+
 def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
                 centroids: str = "reference") -> torch.Tensor:
     """[NB, Hkv, D] mean of each block's keys, in fp32, rounded as `centroids` says (routing.round_centroids)."""
@@ -110,11 +125,14 @@ def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Ten
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
                   block_doc_first: torch.Tensor, block_size: int, n_select: int,
                   block_m: int = 64, block_n: int = 32, centroids: str = "reference",
-                  means: torch.Tensor | None = None, span: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  means: torch.Tensor | None = None, span: tuple[int, int, int, int] | None = None,
+                  input_dtype_dot: bool = False) -> torch.Tensor:
     """[T, Hq, n_select] int32 ids of the blocks each query attends besides its own, best first
     until the list is full; -1 only at the tail, when the document has fewer earlier blocks.
     `span` (b0, b1, t0, t1): route only the tokens t0..t1 of blocks b0..b1, into a [t1 - t0, Hq, n_select]
-    selection; `means`: the block means (`block_means`) when the caller routes several spans."""
+    selection; `means`: the block means (`block_means`) when the caller routes several spans.
+    `input_dtype_dot`: score by one product in the inputs' dtype where that is exact (`input_dtype_dot_is_exact`);
+    tf32x3 elsewhere, which scores the same up to the order of the fp32 sums."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     b0, b1, t0, t1 = span if span is not None else (0, block_start.numel(), 0, T)
@@ -123,10 +141,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, b
         return sel
     if means is None:
         means = block_means(k, block_start, block_len, centroids)
+    if q.dtype != k.dtype:
+        raise ValueError(f"the gate takes queries and keys of one dtype, got {q.dtype} and {k.dtype}")
     block_m = min(block_m, max(16, triton.next_power_of_2(block_size)))
     chunks = -(-block_size // block_m)
     _select_blocks_kernel[((b1 - b0) * chunks, Hq)](
         q, means, sel, block_start, block_len, block_doc_first, q.stride(0), q.stride(1), Hq, Hq // Hkv, Hkv, D,
         n_select, chunks, b0, t0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(max(D, 16)),
-        BLOCK_K=triton.next_power_of_2(max(n_select, 2)), PRECISION=SCORE_PRECISION)
+        BLOCK_K=triton.next_power_of_2(max(n_select, 2)), PRECISION=SCORE_PRECISION,
+        IN_DTYPE_DOT=input_dtype_dot and input_dtype_dot_is_exact(q.dtype, centroids))
     return sel

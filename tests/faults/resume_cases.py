@@ -1,21 +1,13 @@
-"""Shared by the fault-injection tests: tiny's uninterrupted run, computed once per session, and comparisons."""
+"""Shared by the fault-injection tests: the run they interrupt, and how a resumed run is compared with it
+(the uninterrupted run itself is conftest.py's session fixture)."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.trainer.cli_run import records, run_cli, same_export, same_number, same_numbers
+from tests.trainer.cli_run import records, same_export, same_number, same_numbers
 
 # tiny: stages short (steps 1-2), long (3-4, MoBA -> full at its half), sft (5); a checkpoint after every step
 TINY = ["recipe=tiny", "logger=none", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10"]
 STEPS = 5
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole") / "run"
-    run_cli(out, TINY)
-    return out
 
 
 def what_the_run_did(out) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.resume_cases import TINY, assert_same_run, uninterrupted  # noqa: F401 (fixture)
+from tests.faults.resume_cases import TINY, assert_same_run
 from tests.trainer.cli_run import records, run_cli
 
 CKPT = "checkpoints/step{:08d}"
@@ -25,7 +25,7 @@ def killed_after_step_3(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_garbage_in_the_newest_checkpoint_is_reported_and_the_previous_one_resumes(killed_after_step_3,
-                                                                                      uninterrupted):  # noqa: F811
+                                                                                      uninterrupted):
     out = killed_after_step_3
     with open(_states(out, 3), "r+b") as f:           # 4 KiB of garbage inside the weights
         f.seek(_states(out, 3).stat().st_size // 2)

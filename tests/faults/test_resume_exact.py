@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.resume_cases import STEPS, TINY, assert_same_run, uninterrupted  # noqa: F401 (fixture)
+from tests.faults.resume_cases import STEPS, TINY, assert_same_run
 from tests.trainer.cli_run import losses, records, run_cli
 
 QUICK = {3: "mid-stage-long", 5: "in-the-sft-stage"}
@@ -24,7 +24,7 @@ def kill_steps():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("step", list(kill_steps()))
-def test_kill_after_any_step_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, step):  # noqa: F811
+def test_kill_after_any_step_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, step):
     out = tmp_path / "run"
     res = run_cli(out, [*TINY, f"debug.crash_after_step={step}"], check=False)
     assert res.returncode == 17, res.stderr[-2000:]
@@ -35,7 +35,7 @@ def test_kill_after_any_step_then_resume_equals_the_uninterrupted_run(tmp_path, 
 
 @pytest.mark.timeout(600)
 def test_ctrl_c_on_the_last_step_of_a_switching_stage_resumes_into_its_full_attention_evaluation(
-        tmp_path, uninterrupted):  # noqa: F811
+        tmp_path, uninterrupted):
     """Step 4 ends stage 'long', whose plan is full attention from its half on: the stop saves at the stage's
     last step, and the resumed run evaluates the stage with full attention, as the uninterrupted one did."""
     out = tmp_path / "run"

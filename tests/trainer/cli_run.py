@@ -71,10 +71,10 @@ def same_export(got_dir: Path, want_dir: Path) -> bool:
 
     if json.loads((got_dir / "config.json").read_text()) != json.loads((want_dir / "config.json").read_text()):
         return False
-    got_bytes, want_bytes = (d / "model.safetensors" for d in (got_dir, want_dir))
-    if got_bytes.read_bytes() == want_bytes.read_bytes():
+    got_file, want_file = (d / "model.safetensors" for d in (got_dir, want_dir))
+    if got_file.read_bytes() == want_file.read_bytes():
         return True
-    got, want = load_file(got_bytes), load_file(want_bytes)
+    got, want = load_file(got_file), load_file(want_file)
     if got.keys() != want.keys():
         return False
     worst = 0.0

@@ -293,8 +293,10 @@ def test_the_gates_bf16_product_picks_what_tf32x3_picks_at_every_head_dim(head_d
     q = torch.randn(pack.tokens, heads[0], head_dim, device="cuda", generator=g).bfloat16()
     k = torch.randn(pack.tokens, heads[1], head_dim, device="cuda", generator=g).bfloat16()
     layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, torch.device("cuda"))
-    picks = [triton_backend.make_plan(q, k, layout, topk, 1.0, config=dataclasses.replace(
-        triton_backend.tiles_for(head_dim), gate_in_input_dtype=flag)).sel.long().sort(-1).values for flag in (False, True)]
+    picks = []
+    for flag in (False, True):
+        config = dataclasses.replace(triton_backend.tiles_for(head_dim), gate_in_input_dtype=flag)
+        picks.append(triton_backend.make_plan(q, k, layout, topk, 1.0, config=config).sel.long().sort(-1).values)
     same = (picks[0] == picks[1]).all(-1).float().mean().item()
     assert same > 0.999, f"only {same:.5f} of the (token, head) selections agree"
 

@@ -19,8 +19,8 @@ import torch
 
 from moba_train.ops.moba import build_layout, select_blocks
 from moba_train.ops.moba import triton as triton_backend
+from moba_train.ops.moba import triton_routing
 from moba_train.ops.moba.naive import moba_naive
-from moba_train.ops.moba.triton_routing import input_dtype_dot_is_exact
 from tests.ops.test_moba import Pack, make_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -88,16 +88,26 @@ GATE_CASES = ["3docs-ragged-bs16-gqa2-top3", "short-docs-bs32-gqa8-top2", "bs7-g
 @pytest.mark.parametrize("centroids,input_dtype_dot", [("reference", True), ("reference", False), ("fp32", True)],
                          ids=["reference-fp16-product", "reference-tf32x3", "fp32-centroids-tf32x3"])
 @pytest.mark.parametrize("name", GATE_CASES)
-def test_the_fp16_gate_selects_the_blocks_the_pytorch_gate_selects(name, centroids, input_dtype_dot):
-    """fp16 inputs: the kernel scores by one fp16 product where that is exact (reference centroids, asked for),
-    else by tf32x3."""
+def test_the_fp16_gate_selects_the_blocks_the_pytorch_gate_selects(name, centroids, input_dtype_dot, monkeypatch):
+    """fp16 inputs: the kernel scores by one fp16 product where that is exact (reference centroids) and asked for,
+    else by tf32x3; the launches say which ran."""
     pack, heads, topk = CASES[name]
     q, k, _ = make_inputs(pack, *heads, dtype=torch.float16, separated=True)
     layout = build_layout(pack.cu_seqlens.tolist(), pack.block_size, q.device)
+    kernel, launched = triton_routing._select_blocks_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["IN_DTYPE_DOT"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_routing, "_select_blocks_kernel", Recorder())
     config = triton_backend.TileConfig(route_m=16, route_n=16, gate_in_input_dtype=input_dtype_dot)
     got = triton_backend.make_plan(q, k, layout, topk, 1.0, config=config, centroids=centroids).sel
     want = select_blocks(q, k, layout, topk, centroids)
-    assert input_dtype_dot_is_exact(q.dtype, centroids) == (centroids == "reference")
+    assert launched and set(launched) == {input_dtype_dot and centroids == "reference"}
     assert torch.equal(got.long().sort(-1).values, want.sort(-1).values)
 
 

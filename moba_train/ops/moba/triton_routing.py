@@ -7,11 +7,11 @@ registers. Memory is the inputs, the [NB, Hkv, D] means and the [T, Hq, n_select
 Means are summed in fp32 and rounded by the `centroids` convention of routing.py (to the input dtype
 for "reference"). Scores are q . mean(K_block) in fp32 like `routing.select_blocks`. When the means are rounded
 to the queries' 16-bit dtype (the default convention), one tensor-core product in that dtype can compute them
-(`input_dtype_dot`, TileConfig.gate_in_input_dtype; off until measured on a GPU): each product of two bf16 (or fp16) values is exact in fp32 and the tensor cores sum them in fp32, as for tf32x3, with a
-third of the products, each at twice tf32's rate. Otherwise
-(fp32 inputs, or fp32 centroids) "tf32x3" splits each fp32 operand into three tf32 products on the tensor
-cores, about as exact as fp32 FMA. Either way the sums run in another order than the PyTorch gate's, so the
-two may disagree on near-ties (see routing.py).
+(`input_dtype_dot`, TileConfig.gate_in_input_dtype; off until measured on a GPU): each product of two bf16 (or
+fp16) values is exact in fp32 and the tensor cores sum them in fp32, as for tf32x3, with a third of the
+products, each at twice tf32's rate. Otherwise (fp32 inputs, or fp32 centroids) "tf32x3" splits each fp32
+operand into three tf32 products on the tensor cores, about as exact as fp32 FMA. Either way the sums run in
+another order than the PyTorch gate's, so the two may disagree on near-ties (see routing.py).
 """
 
 from __future__ import annotations
@@ -105,12 +105,6 @@ def _select_blocks_kernel(q_ptr, means_ptr, sel_ptr, block_start_ptr, block_len_
             tl.store(out_ptrs, best_id, mask=out_mask)
 
 
-def input_dtype_dot_is_exact(dtype: torch.dtype, centroids: str) -> bool:
-    """Whether one product in the inputs' dtype scores exactly: 16-bit inputs whose means the convention rounds to
-    that dtype."""
-    return rounds_centroids(dtype, centroids)
-
-
 def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor,
                 centroids: str = "reference") -> torch.Tensor:
     """[NB, Hkv, D] mean of each block's keys, in fp32, rounded as `centroids` says (routing.round_centroids)."""
@@ -131,8 +125,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, b
     until the list is full; -1 only at the tail, when the document has fewer earlier blocks.
     `span` (b0, b1, t0, t1): route only the tokens t0..t1 of blocks b0..b1, into a [t1 - t0, Hq, n_select]
     selection; `means`: the block means (`block_means`) when the caller routes several spans.
-    `input_dtype_dot`: score by one product in the inputs' dtype where that is exact (`input_dtype_dot_is_exact`);
-    tf32x3 elsewhere, which scores the same up to the order of the fp32 sums."""
+    `input_dtype_dot`: score by one product in the inputs' dtype where that is exact (16-bit inputs whose means the
+    convention rounds to that dtype: `routing.rounds_centroids`); tf32x3 elsewhere, which scores the same up to
+    the order of the fp32 sums."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     b0, b1, t0, t1 = span if span is not None else (0, block_start.numel(), 0, T)
@@ -141,13 +136,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_start: torch.Tensor, b
         return sel
     if means is None:
         means = block_means(k, block_start, block_len, centroids)
-    if q.dtype != k.dtype:
-        raise ValueError(f"the gate takes queries and keys of one dtype, got {q.dtype} and {k.dtype}")
     block_m = min(block_m, max(16, triton.next_power_of_2(block_size)))
     chunks = -(-block_size // block_m)
     _select_blocks_kernel[((b1 - b0) * chunks, Hq)](
         q, means, sel, block_start, block_len, block_doc_first, q.stride(0), q.stride(1), Hq, Hq // Hkv, Hkv, D,
         n_select, chunks, b0, t0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(max(D, 16)),
         BLOCK_K=triton.next_power_of_2(max(n_select, 2)), PRECISION=SCORE_PRECISION,
-        IN_DTYPE_DOT=input_dtype_dot and input_dtype_dot_is_exact(q.dtype, centroids))
+        IN_DTYPE_DOT=input_dtype_dot and q.dtype == k.dtype and rounds_centroids(k.dtype, centroids))
     return sel

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.trainer.cli_run import records, same_export, same_number, same_numbers
+from tests.trainer.cli_run import records, same_export, same_numbers, same_rows
 
 # tiny: stages short (steps 1-2), long (3-4, MoBA -> full at its half), sft (5); a checkpoint after every step
 TINY = ["recipe=tiny", "logger=none", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10"]
@@ -31,10 +31,8 @@ def assert_same_run(got, want) -> None:
     a, b = what_the_run_did(got), what_the_run_did(want)
     for key in ("losses", "grad_norms"):
         assert same_numbers(a[key], b[key], key), f"{key} differ from the uninterrupted run: {a[key]} vs {b[key]}"
-    assert [r[0] for r in a["eval"]] == [r[0] for r in b["eval"]], "evaluations differ from the uninterrupted run"
-    for x, y in zip(a["eval"], b["eval"]):
-        assert same_number(x[1], y[1], "mean_loss") and same_number(x[2], y[2], "tail_loss"), (
-            f"evaluation losses differ from the uninterrupted run: {x} vs {y}")
+    assert same_rows(a["eval"], b["eval"], rounded=(1, 2), what="eval"), (           # (stage, mean, tail loss)
+        f"evaluations differ from the uninterrupted run: {a['eval']} vs {b['eval']}")
     for key in ("steps", "plans", "passkey", "stage_ends"):
         assert a[key] == b[key], f"{key} differ from the uninterrupted run: {a[key]} vs {b[key]}"
     assert same_export(got / "hf_model", want / "hf_model"), "the export differs from the uninterrupted run's"

@@ -64,6 +64,14 @@ def same_numbers(got: list, want: list, what: str = "values") -> bool:
     return len(got) == len(want) and all(same_number(a, b, f"{what}[{i}]") for i, (a, b) in enumerate(zip(got, want)))
 
 
+def same_rows(got: list[tuple], want: list[tuple], rounded: tuple[int, ...], what: str = "rows") -> bool:
+    """Records as tuples: equal field by field, the fields at the indices `rounded` by `same_number`."""
+    return len(got) == len(want) and all(
+        len(a) == len(b) and all(same_number(x, y, f"{what}[{i}][{j}]") if j in rounded else x == y
+                                 for j, (x, y) in enumerate(zip(a, b)))
+        for i, (a, b) in enumerate(zip(got, want)))
+
+
 def same_export(got_dir: Path, want_dir: Path) -> bool:
     """The same exported config, and the same weights: bit for bit, or each tensor within ROUNDING of its
     largest magnitude (with a RoundingDifference warning)."""

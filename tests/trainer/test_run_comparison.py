@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.trainer.cli_run import ROUNDING, RoundingDifference, same_export, same_number, same_numbers
+from tests.trainer.cli_run import ROUNDING, RoundingDifference, same_export, same_number, same_numbers, same_rows
 
 
 def test_equal_numbers_match_silently():
@@ -24,6 +24,16 @@ def test_a_rounding_matches_with_a_warning_and_a_resume_bug_does_not():
     assert not same_number(10.0 * (1 + 1e-4), 10.0)
     assert not same_number(None, 10.0) and not same_number(float("nan"), 10.0)
     assert not same_numbers([1.0], [1.0, 2.0])
+
+
+def test_rows_match_exactly_but_at_the_rounded_fields():
+    want = [(0, 10.0, "lee"), (1, 9.0, "python")]
+    with pytest.warns(RoundingDifference, match=r"eval\[1\]\[1\]"):
+        assert same_rows([(0, 10.0, "lee"), (1, 9.000000001, "python")], want, rounded=(1,), what="eval")
+    assert not same_rows([(0, 10.0, "lee"), (1, 9.001, "python")], want, rounded=(1,))      # beyond a rounding
+    assert not same_rows([(0, 10.0, "lee"), (2, 9.0, "python")], want, rounded=(1,))        # an exact field
+    assert not same_rows([(0, 10.0, "lee")], want, rounded=(1,))
+    assert not same_rows([(0, 10.0), (1, 9.0)], want, rounded=(1,))
 
 
 def _export(path, weights: dict, config: dict | None = None):
